@@ -1,0 +1,255 @@
+"""HSTU and ULTRA-HSTU on jagged sequences (one file for the architecture).
+
+HSTU layer (arXiv 2402.17152):
+    U, V, Q, K = split(SiLU(f1(LN(X))))
+    AV = SiLU(Q K^T * alpha + rab(p, t)) V / N      (pointwise, causal, N = max_seq_len)
+    Y  = f2(LN(AV) * U) + X
+ULTRA-HSTU options (arXiv 2602.16986), all on the same encoder:
+  - one token per event (EventTokenizer: item + action embedding, candidates get a zero action);
+  - semi-local attention: local_window (K1 most recent) + global_prefix (K2 first tokens);
+  - num_targets: candidates at the end of a sequence see the history, not each other;
+  - attention truncation: the last `truncated_layers` layers (N2) run on the most recent `truncated_len`
+    (L') history tokens plus the targets; earlier tokens keep their output from the full-length layers;
+  - mixture of transducers: one stack per token type; every token's output is the concatenation of each
+    stream's latest state at that point (targets belong to every stream), projected back to d_model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from merlin_longseq.backend import Backend
+from merlin_longseq.jagged import (
+    JaggedInputError,
+    jagged_positions,
+    lengths_from_offsets,
+    offsets_from_lengths,
+    validate_offsets,
+)
+from merlin_longseq.ops.hstu_attention import hstu_attention
+
+
+@dataclass
+class HSTUConfig:
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    max_seq_len: int = 200  # N: the attention normaliser and the longest accepted sequence
+    attn_dim: int | None = None  # per-head Q/K width; d_model // n_heads by default
+    hidden_dim: int | None = None  # per-head V/U width; d_model // n_heads by default
+    dropout: float = 0.1
+    alpha: float | None = None  # score scale; 1 / sqrt(attn_dim) by default
+    causal: bool = True
+    num_position_buckets: int = 64  # 0 disables the position part of the relative bias
+    num_time_buckets: int = 32  # 0 disables the time part (it is used only when timestamps are given)
+    local_window: int | None = None  # K1 (semi-local attention); None = full causal attention
+    global_prefix: int = 0  # K2
+    truncated_layers: int = 0  # N2: trailing layers that see only the most recent tokens
+    truncated_len: int | None = None  # L'
+    num_transducers: int = 1
+    output_norm: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.d_model < 1 or self.n_heads < 1 or self.n_layers < 1:
+            raise ValueError("d_model, n_heads and n_layers must be positive")
+        # the layers call the attention with check_inputs=False, so every structural value is checked here
+        if self.max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        for name in ("attn_dim", "hidden_dim"):
+            width = getattr(self, name)
+            if width is not None and width < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for d_model // n_heads), got {width}")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
+        if self.num_position_buckets < 0 or self.num_time_buckets < 0:
+            raise ValueError("num_position_buckets and num_time_buckets must be >= 0 (0 disables)")
+        if self.local_window is not None and self.local_window < 1:
+            raise ValueError(f"local_window must be >= 1 (or None for full attention), got {self.local_window}")
+        if self.global_prefix < 0:
+            raise ValueError(f"global_prefix must be >= 0, got {self.global_prefix}")
+        if self.truncated_len is not None and self.truncated_len < 1:
+            raise ValueError(f"truncated_len must be >= 1, got {self.truncated_len}")
+        self.attn_dim = self.attn_dim or max(1, self.d_model // self.n_heads)
+        self.hidden_dim = self.hidden_dim or max(1, self.d_model // self.n_heads)
+        if self.alpha is None:
+            self.alpha = self.attn_dim ** -0.5
+        if not 0 <= self.truncated_layers <= self.n_layers:
+            raise ValueError(f"truncated_layers must be in [0, n_layers={self.n_layers}]")
+        if self.truncated_layers and not self.truncated_len:
+            raise ValueError("truncated_layers > 0 needs truncated_len (L')")
+        if self.num_transducers < 1:
+            raise ValueError("num_transducers must be >= 1")
+        Backend.parse(self.backend)
+
+
+class HSTULayer(nn.Module):
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        heads, dqk, dv = cfg.n_heads, cfg.attn_dim, cfg.hidden_dim
+        self.input_norm = nn.LayerNorm(cfg.d_model)
+        self.uvqk = nn.Linear(cfg.d_model, heads * (2 * dv + 2 * dqk))  # f1, fused
+        self.attn_norm = nn.LayerNorm(heads * dv)
+        self.out_proj = nn.Linear(heads * dv, cfg.d_model)  # f2
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.pos_bias = nn.Parameter(0.02 * torch.randn(heads, cfg.num_position_buckets)) \
+            if cfg.num_position_buckets else None
+        self.time_bias = nn.Parameter(0.02 * torch.randn(heads, cfg.num_time_buckets)) \
+            if cfg.num_time_buckets else None
+
+    def forward(self, x, offsets, timestamps=None, num_targets=None):
+        cfg = self.cfg
+        heads, dqk, dv = cfg.n_heads, cfg.attn_dim, cfg.hidden_dim
+        u, v, q, k = torch.split(F.silu(self.uvqk(self.input_norm(x))),
+                                 [heads * dv, heads * dv, heads * dqk, heads * dqk], dim=-1)
+        av = hstu_attention(
+            q.reshape(-1, heads, dqk), k.reshape(-1, heads, dqk), v.reshape(-1, heads, dv),
+            offsets, cfg.max_seq_len, cfg.alpha,
+            num_targets=num_targets, causal=cfg.causal, local_window=cfg.local_window,
+            global_prefix=cfg.global_prefix, timestamps=timestamps, pos_bias=self.pos_bias,
+            time_bias=self.time_bias if timestamps is not None else None,
+            backend=cfg.backend, check_inputs=False,
+        )  # [total, H, dv]
+        y = self.attn_norm(av.reshape(-1, heads * dv)) * u
+        return x + self.dropout(self.out_proj(y))
+
+
+def _select_tokens(offsets, keep):
+    """Sub-jagged view of the tokens where keep [total] is True: (indices, new offsets)."""
+    seq_index, _ = jagged_positions(offsets)
+    idx = torch.nonzero(keep).squeeze(1)
+    counts = torch.zeros(offsets.numel() - 1, dtype=torch.int64, device=offsets.device)
+    counts.index_add_(0, seq_index[idx], torch.ones_like(idx))
+    return idx, offsets_from_lengths(counts)
+
+
+class HSTUEncoder(nn.Module):
+    """Stacks of HSTU layers over jagged tokens: [total, d_model] -> [total, d_model]."""
+
+    def __init__(self, cfg: HSTUConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stacks = nn.ModuleList(
+            nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.n_layers)) for _ in range(cfg.num_transducers)
+        )
+        self.mix = nn.Linear(cfg.num_transducers * cfg.d_model, cfg.d_model) if cfg.num_transducers > 1 else None
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.output_norm = nn.LayerNorm(cfg.d_model) if cfg.output_norm else nn.Identity()
+
+    def forward(self, x, offsets, timestamps=None, num_targets=None, token_types=None):
+        cfg = self.cfg
+        if x.dim() != 2 or x.shape[-1] != cfg.d_model:
+            raise JaggedInputError(f"x must be [total, d_model={cfg.d_model}], got {tuple(x.shape)}")
+        validate_offsets(offsets, total=x.shape[0], max_seq_len=cfg.max_seq_len)
+        batch = offsets.numel() - 1
+        lengths = lengths_from_offsets(offsets)
+        if num_targets is None:
+            num_targets = torch.zeros(batch, dtype=torch.int64, device=x.device)
+        elif num_targets.shape != (batch,) or bool((num_targets < 0).any()) or bool((num_targets > lengths).any()):
+            raise JaggedInputError("num_targets must be [B] with 0 <= num_targets <= length")
+        if timestamps is not None and timestamps.shape != (x.shape[0],):
+            raise JaggedInputError(f"timestamps must be [total] = [{x.shape[0]}], got {tuple(timestamps.shape)}")
+        x = self.input_dropout(x)
+        if cfg.num_transducers == 1:
+            return self.output_norm(self._run_stack(self.stacks[0], x, offsets, timestamps, num_targets))
+        if token_types is None or token_types.shape != (x.shape[0],):
+            raise JaggedInputError(f"num_transducers={cfg.num_transducers} needs token_types [total]")
+        if x.shape[0] and (int(token_types.min()) < 0 or int(token_types.max()) >= cfg.num_transducers):
+            raise JaggedInputError(f"token_types must lie in [0, {cfg.num_transducers})")
+        return self.output_norm(self._mixture(x, offsets, timestamps, num_targets, token_types))
+
+    def _run_stack(self, layers, x, offsets, timestamps, num_targets):
+        cfg = self.cfg
+        n_full = cfg.n_layers - cfg.truncated_layers
+        for layer in layers[:n_full]:
+            x = layer(x, offsets, timestamps, num_targets)
+        if cfg.truncated_layers == 0:
+            return x
+        # attention truncation: keep the L' most recent history tokens and every target
+        seq_index, positions = jagged_positions(offsets)
+        history_len = lengths_from_offsets(offsets) - num_targets
+        keep = positions >= (history_len - cfg.truncated_len).clamp(min=0)[seq_index]
+        idx, sub_offsets = _select_tokens(offsets, keep)
+        sub = x[idx]
+        sub_ts = timestamps[idx] if timestamps is not None else None
+        for layer in layers[n_full:]:
+            sub = layer(sub, sub_offsets, sub_ts, num_targets)
+        return x.index_copy(0, idx, sub)
+
+    def _mixture(self, x, offsets, timestamps, num_targets, token_types):
+        total = x.shape[0]
+        seq_index, positions = jagged_positions(offsets)
+        is_target = positions >= (lengths_from_offsets(offsets) - num_targets)[seq_index]
+        token_index = torch.arange(total, device=x.device)
+        seq_start = offsets[:-1][seq_index]
+        states = []
+        for stream, layers in enumerate(self.stacks):
+            member = (token_types == stream) | is_target
+            idx, sub_offsets = _select_tokens(offsets, member)
+            sub_ts = timestamps[idx] if timestamps is not None else None
+            out = self._run_stack(layers, x[idx], sub_offsets, sub_ts, num_targets)
+            # the stream's state at each token = its output at the latest member token at or before it
+            latest = torch.cummax(torch.where(member, token_index, -1), dim=0).values
+            has_state = latest >= seq_start
+            slot = torch.full((total,), -1, dtype=torch.int64, device=x.device)
+            slot[idx] = torch.arange(idx.numel(), device=x.device)
+            gathered = out[slot[latest.clamp(min=0)].clamp(min=0)] if idx.numel() else x.new_zeros(x.shape)
+            states.append(gathered * has_state.unsqueeze(1).to(x.dtype))
+        return self.mix(torch.cat(states, dim=-1))
+
+
+class EventTokenizer(nn.Module):
+    """ULTRA-HSTU input: one token per event = item embedding + action embedding.
+
+    Item and action ids are 1-based; 0 is padding / "no action". Candidate (target) positions always get the
+    zero action, so a label can never leak into the candidate's own token.
+    """
+
+    def __init__(self, num_items: int, num_actions: int, d_model: int):
+        super().__init__()
+        self.item_embedding = nn.Embedding(num_items + 1, d_model, padding_idx=0)
+        self.action_embedding = nn.Embedding(num_actions + 1, d_model, padding_idx=0)
+        # unit-scale logits under weight tying: a LayerNormed hidden state has norm sqrt(d_model)
+        for table in (self.item_embedding, self.action_embedding):
+            nn.init.normal_(table.weight, std=d_model ** -0.5)
+            table.weight.data[0].zero_()
+
+    def forward(self, item_ids, action_ids, offsets, num_targets=None):
+        if action_ids.shape != item_ids.shape:
+            raise JaggedInputError("action_ids must have the shape of item_ids")
+        if num_targets is not None:
+            seq_index, positions = jagged_positions(offsets)
+            is_target = positions >= (lengths_from_offsets(offsets) - num_targets)[seq_index]
+            action_ids = action_ids.masked_fill(is_target, 0)
+        return self.item_embedding(item_ids) + self.action_embedding(action_ids)
+
+
+class HSTUNextItemModel(nn.Module):
+    """Plain-PyTorch next-item model: item (+ action) tokens -> HSTU -> weight-tied scores over items.
+
+    Used where Transformers4Rec is not installed (GPU machines, unit tests of the architecture).
+    """
+
+    def __init__(self, num_items: int, cfg: HSTUConfig, num_actions: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.tokenizer = EventTokenizer(num_items, max(num_actions, 1), cfg.d_model)
+        self.encoder = HSTUEncoder(cfg)
+
+    def forward(self, item_ids, offsets, action_ids=None, timestamps=None):
+        """item_ids [total] (1-based) -> hidden states [total, d_model]."""
+        if action_ids is None:
+            action_ids = torch.zeros_like(item_ids)
+        tokens = self.tokenizer(item_ids, action_ids, offsets)
+        return self.encoder(tokens, offsets, timestamps=timestamps)
+
+    def item_scores(self, hidden):
+        # weight tying; column 0 (padding) can never be recommended
+        scores = hidden @ self.tokenizer.item_embedding.weight.t()
+        scores[..., 0] = float("-inf")
+        return scores

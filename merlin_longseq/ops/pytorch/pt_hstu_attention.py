@@ -1,0 +1,123 @@
+"""PyTorch reference for HSTU pointwise attention on jagged sequences.
+
+    out_i = sum_j mask(i, j) * SiLU(alpha * q_i . k_j + rab(i, j)) / max_seq_len * v_j
+
+Mask, for a sequence of n tokens whose last `nt` are targets (nh = n - nt history tokens):
+  history row i < nh: j < nh, j <= i when causal, and with semi-local attention
+                      (|i - j| < local_window) or (j < global_prefix)
+                      (the window is two-sided when not causal);
+  target row i >= nh: every history token j < nh, and itself (targets never see each other).
+Relative attention bias (optional, per head):
+  rab(i, j) = pos_bias[h, min(|p_i - p_j|, P - 1)] + time_bias[h, min(floor(log2(1 + |t_i - t_j|)), T - 1)]
+with p_i = min(i, nh): all targets sit at the position right after the history, so a target's score never
+depends on where it stands among the candidates.
+
+The reference pads to the longest sequence of the batch and materialises [B, H, S, S]: it is the
+ground truth for the Triton kernel, not the fast path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from merlin_longseq.jagged import jagged_to_padded, lengths_from_offsets, padded_to_jagged
+
+
+def hstu_position_buckets(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    return distance.abs().clamp(max=num_buckets - 1)
+
+
+def hstu_time_buckets(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    # log2 buckets: 0 for gap 0, 1 for gap 1, 2 for 2..3, 3 for 4..7, ...
+    gap = gap.abs().to(torch.float64)
+    return torch.floor(torch.log2(gap + 1.0)).to(torch.int64).clamp(max=num_buckets - 1)
+
+
+def hstu_attention_mask(
+    lengths: torch.Tensor,
+    max_len: int,
+    num_targets: torch.Tensor | None,
+    causal: bool,
+    local_window: int | None,
+    global_prefix: int,
+) -> torch.Tensor:
+    """[B, S, S] bool: True where row i may attend to column j."""
+    device = lengths.device
+    idx = torch.arange(max_len, device=device)
+    row = idx.view(1, -1, 1)
+    col = idx.view(1, 1, -1)
+    n = lengths.view(-1, 1, 1)
+    nt = num_targets.view(-1, 1, 1).to(torch.int64) if num_targets is not None else torch.zeros_like(n)
+    nh = n - nt
+    history_row = row < nh
+    history_col = col < nh
+    allowed = history_row & history_col
+    if causal:
+        allowed = allowed & (col <= row)
+    if local_window is not None:
+        near = (row - col).abs() < local_window
+        allowed = allowed & (near | (col < global_prefix))
+    target_row = (row >= nh) & (row < n)
+    allowed = allowed | (target_row & (history_col | (col == row)))
+    return allowed
+
+
+def hstu_relative_bias(
+    lengths: torch.Tensor,
+    max_len: int,
+    num_targets: torch.Tensor | None,
+    padded_timestamps: torch.Tensor | None,
+    pos_bias: torch.Tensor | None,
+    time_bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """[B, H or 1, S, S] float bias, or None when no bias is configured."""
+    if pos_bias is None and (time_bias is None or padded_timestamps is None):
+        return None
+    device = lengths.device
+    bias = None
+    if pos_bias is not None:
+        nt = num_targets.to(torch.int64) if num_targets is not None else torch.zeros_like(lengths)
+        nh = (lengths - nt).view(-1, 1)
+        pos = torch.minimum(torch.arange(max_len, device=device).view(1, -1), nh)  # [B, S]
+        buckets = hstu_position_buckets(pos.unsqueeze(2) - pos.unsqueeze(1), pos_bias.shape[-1])
+        bias = pos_bias[:, buckets].permute(1, 0, 2, 3)  # [B, H, S, S]
+    if time_bias is not None and padded_timestamps is not None:
+        ts = padded_timestamps.to(torch.int64)
+        buckets = hstu_time_buckets(ts.unsqueeze(2) - ts.unsqueeze(1), time_bias.shape[-1])
+        tb = time_bias[:, buckets].permute(1, 0, 2, 3)
+        bias = tb if bias is None else bias + tb
+    return bias
+
+
+def pytorch_hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    max_seq_len: int,
+    alpha: float,
+    num_targets: torch.Tensor | None = None,
+    causal: bool = True,
+    local_window: int | None = None,
+    global_prefix: int = 0,
+    timestamps: torch.Tensor | None = None,
+    pos_bias: torch.Tensor | None = None,
+    time_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q, k [total, H, Dqk]; v [total, H, Dv]; offsets [B + 1] -> [total, H, Dv]."""
+    lengths = lengths_from_offsets(offsets)
+    batch_max = int(lengths.max()) if lengths.numel() else 0
+    if q.shape[0] == 0 or batch_max == 0:
+        return v * 0  # empty, but still in the autograd graph so a loss over it can backpropagate
+    qp = jagged_to_padded(q, offsets, batch_max)  # [B, S, H, D]
+    kp = jagged_to_padded(k, offsets, batch_max)
+    vp = jagged_to_padded(v, offsets, batch_max)
+    scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
+    tsp = jagged_to_padded(timestamps, offsets, batch_max) if timestamps is not None else None
+    bias = hstu_relative_bias(lengths, batch_max, num_targets, tsp, pos_bias, time_bias)
+    if bias is not None:
+        scores = scores + bias.to(scores.dtype)
+    mask = hstu_attention_mask(lengths, batch_max, num_targets, causal, local_window, global_prefix)
+    weights = F.silu(scores) * mask.unsqueeze(1).to(scores.dtype) / max_seq_len
+    out = torch.einsum("bhij,bjhd->bihd", weights, vp)
+    return padded_to_jagged(out, lengths)[0]

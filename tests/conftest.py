@@ -1,0 +1,28 @@
+import importlib.util
+
+import pytest
+import torch
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+HAS_MERLIN = _has("transformers4rec") and _has("nvtabular")
+HAS_TRITON = _has("triton")
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_merlin = pytest.mark.skip(reason="needs the merlin extra (transformers4rec, nvtabular)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "merlin" in item.keywords and not HAS_MERLIN:
+            item.add_marker(skip_merlin)
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
