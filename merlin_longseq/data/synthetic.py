@@ -53,43 +53,52 @@ class _World:
         # every topic needs at least one item
         self.item_topic[: cfg.num_topics] = np.arange(cfg.num_topics)
         self.topic_items = [np.flatnonzero(self.item_topic == t) + 1 for t in range(cfg.num_topics)]  # 1-based
-        self.topic_popularity = []
-        for items in self.topic_items:
+        # padded [topic, rank] tables so that draws for many events at once are one vectorised lookup
+        width = max(len(items) for items in self.topic_items)
+        self.topic_item_table = np.zeros((cfg.num_topics, width), dtype=np.int64)
+        self.topic_cumprob = np.full((cfg.num_topics, width), 2.0)  # > 1: never chosen
+        for t, items in enumerate(self.topic_items):
             weights = 1.0 / np.arange(1, len(items) + 1) ** 1.1  # Zipf inside a topic
-            self.topic_popularity.append(weights / weights.sum())
+            self.topic_item_table[t, : len(items)] = items
+            self.topic_cumprob[t, : len(items)] = np.cumsum(weights / weights.sum())
+            self.topic_cumprob[t, len(items) - 1] = 1.0
 
     def user_profile(self, rng):
+        """Interest topics and a [num_topics, favorites] table of the user's favourites (rows of interests)."""
         cfg = self.cfg
         interests = rng.choice(cfg.num_topics, size=cfg.interests_per_user, replace=False)
-        favorites = {
-            int(t): rng.choice(self.topic_items[t], size=min(cfg.favorites_per_topic, len(self.topic_items[t])),
-                               replace=False)
-            for t in interests
-        }
+        favorites = np.zeros((cfg.num_topics, cfg.favorites_per_topic), dtype=np.int64)
+        for t in interests:
+            items = self.topic_items[t]
+            favorites[t] = rng.choice(items, size=cfg.favorites_per_topic, replace=len(items) < cfg.favorites_per_topic)
         return interests, favorites
 
-    def session_items(self, rng, topic, favorites, n):
+    def draw_items(self, rng, topics, favorites):
+        """One item per event of the given topics."""
         cfg = self.cfg
-        popular = rng.choice(self.topic_items[topic], size=n, p=self.topic_popularity[topic])
-        fav = rng.choice(favorites, size=n)
-        items = np.where(rng.random(n) < cfg.p_favorite, fav, popular)
+        n = len(topics)
+        rank = (self.topic_cumprob[topics] < rng.random(n)[:, None]).sum(axis=1)
+        popular = self.topic_item_table[topics, rank]
+        favorite = favorites[topics, rng.integers(0, favorites.shape[1], size=n)]
+        items = np.where(rng.random(n) < cfg.p_favorite, favorite, popular)
         noise = rng.random(n) < cfg.p_noise
         items[noise] = rng.integers(1, cfg.num_items + 1, size=int(noise.sum()))
         return items
 
 
-def generate_events(cfg: SyntheticConfig | None = None, **overrides):
+def generate_events(cfg: SyntheticConfig | None = None, progress: bool = False, **overrides):
     """Event log: pandas DataFrame [user_id, item_id, timestamp, action], time-ordered per user.
 
     user ids are 1..num_users, item ids 1..num_items, timestamps int64 seconds, actions 1=view 2=click 3=like.
     """
     import pandas as pd
+    from tqdm.auto import tqdm
 
     cfg = cfg or SyntheticConfig(**overrides)
     world = _World(cfg)
     rng = world.rng
     columns = {"user_id": [], "item_id": [], "timestamp": [], "action": []}
-    for user in range(1, cfg.num_users + 1):
+    for user in tqdm(range(1, cfg.num_users + 1), desc="users", disable=not progress, leave=False):
         interests, favorites = world.user_profile(rng)
         length = int(rng.integers(cfg.min_history, cfg.max_history + 1))
         items, times, actions = _user_history(world, rng, interests, favorites, length)
@@ -103,29 +112,25 @@ def generate_events(cfg: SyntheticConfig | None = None, **overrides):
 def _user_history(world, rng, interests, favorites, length):
     cfg = world.cfg
     order = rng.permutation(interests)
-    items, topics = [], []
-    produced, turn = 0, int(rng.integers(len(order)))
-    # all but the last event: round-robin sessions; the last event opens the next session
-    while produced < length - 1:
-        topic = int(order[turn % len(order)])
-        n = min(1 + int(rng.poisson(cfg.mean_session_len - 1)), length - 1 - produced)
-        items.append(world.session_items(rng, topic, favorites[topic], n))
-        topics.append(np.full(n, topic))
-        produced += n
-        turn += 1
-    topic = int(order[turn % len(order)])
-    items.append(world.session_items(rng, topic, favorites[topic], 1))
-    topics.append(np.full(1, topic))
-    items = np.concatenate(items)[:length].astype(np.int64)
-    topics = np.concatenate(topics)[:length]
+    # round-robin sessions for all but the last event; the last event opens the next session
+    session_lens = 1 + rng.poisson(cfg.mean_session_len - 1, size=length)
+    ends = np.cumsum(session_lens)
+    num_sessions = int(np.searchsorted(ends, length - 1)) + 1
+    session_lens = session_lens[:num_sessions]
+    session_lens[-1] -= ends[num_sessions - 1] - (length - 1)  # the last session ends at event length - 1
+    session_lens = session_lens[session_lens > 0]
+    first_turn = int(rng.integers(len(order)))
+    session_topics = order[(first_turn + np.arange(len(session_lens) + 1)) % len(order)]
+    topics = np.concatenate([np.repeat(session_topics[:-1], session_lens), session_topics[-1:]])[:length]
+    items = world.draw_items(rng, topics, favorites)
     session_start = np.r_[True, topics[1:] != topics[:-1]]
     gaps = np.where(session_start, rng.exponential(SESSION_GAP_S, length), rng.exponential(EVENT_GAP_S, length))
     times = 1_700_000_000 + np.cumsum(np.maximum(gaps.astype(np.int64), 1))
     # an item belongs to exactly one topic, so "favourite of its topic" is "any favourite"
-    is_favorite = np.isin(items, np.concatenate(list(favorites.values())))
+    is_favorite = np.isin(items, favorites[interests].ravel())
     actions = np.where(is_favorite & (rng.random(length) < 0.5), ACTION_LIKE,
                        np.where(rng.random(length) < 0.5, ACTION_CLICK, ACTION_VIEW)).astype(np.int64)
-    return items, times, actions
+    return items.astype(np.int64), times, actions
 
 
 def generate_impressions(

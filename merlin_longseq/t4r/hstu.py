@@ -96,10 +96,8 @@ class HSTUBlock(BlockBase):
                 "put tr.MLPBlock([d_model]) before it when the input width differs"
             )
         seq_len = inputs.shape[1]
-        max_seq_len = self.fixed_max_seq_len or seq_len
-        if max_seq_len < seq_len:
-            raise ValueError(f"inputs of length {seq_len} exceed max_seq_len={max_seq_len}")
-        self.encoder.cfg.max_seq_len = max_seq_len
+        # N of the 1/N normaliser; the encoder rejects real sequences longer than it
+        self.encoder.cfg.max_seq_len = self.fixed_max_seq_len or seq_len
         lengths = self._lengths(inputs)
         values, offsets = padded_to_jagged(inputs, lengths)
         hidden = self.encoder(values, offsets)
