@@ -21,17 +21,20 @@ from merlin_longseq.data.synthetic import SyntheticConfig, generate_events
 
 @dataclass
 class NextItemJobConfig:
+    # 80 interests visited round-robin: the next item was last seen about 80 events ago
     data: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(
-        num_users=600, num_items=1000, num_topics=100, interests_per_user=40, favorites_per_topic=2,
-        mean_session_len=2.0, min_history=300, max_history=600, seed=0))
+        num_users=320, num_items=300, num_topics=100, interests_per_user=80, favorites_per_topic=1,
+        p_favorite=0.9, mean_session_len=1.0, min_history=300, max_history=600, seed=0))
     max_seq_len: int = 600
     short_window: int = 50
     d_model: int = 32
     n_heads: int = 1
     n_layers: int = 1
     epochs: int = 6
-    batch_size: int = 16
+    batch_size: int = 8
     learning_rate: float = 1e-2
+    # "element-wise-sum": one token per event = item + action embedding (ULTRA-HSTU); "concat" = T4R tutorial
+    aggregation: str = "element-wise-sum"
     archs: tuple = ("hstu", "hstu-50", "xlnet")
     seed: int = 0
 
@@ -44,16 +47,18 @@ def build_t4r_model(schema, arch: str, cfg: NextItemJobConfig):
     from merlin_longseq.t4r import HSTUBlock
 
     input_module = tr.TabularSequenceFeatures.from_schema(
-        schema, max_sequence_length=cfg.max_seq_len, aggregation="concat", d_output=cfg.d_model, masking="clm",
+        schema, max_sequence_length=cfg.max_seq_len, aggregation=cfg.aggregation,
+        d_output=cfg.d_model if cfg.aggregation == "concat" else None, masking="clm",
         embedding_dim_default=cfg.d_model)
     transformer_config = tr.XLNetConfig.build(d_model=cfg.d_model, n_head=cfg.n_heads, n_layer=cfg.n_layers,
                                               total_seq_length=cfg.max_seq_len, dropout=0.1)
     if arch == "xlnet":
         block = tr.TransformerBlock(transformer_config, masking=input_module.masking)
     elif arch == "hstu":
-        block = HSTUBlock(transformer_config, masking=input_module.masking, dropout=0.0)
-    elif arch == "hstu-50":
         block = HSTUBlock(transformer_config, masking=input_module.masking, dropout=0.0,
+                          num_position_buckets=128)
+    elif arch == "hstu-50":
+        block = HSTUBlock(transformer_config, masking=input_module.masking, dropout=0.0, num_position_buckets=128,
                           local_window=cfg.short_window)
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from hstu, hstu-50, xlnet")

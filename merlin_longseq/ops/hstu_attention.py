@@ -81,8 +81,10 @@ def hstu_attention(
 
 
 def _triton_kernel():
-    # Look the module up instead of catching ImportError, so a broken kernel fails loudly.
-    if importlib.util.find_spec("merlin_longseq.kernels.triton_hstu_attention") is None:
+    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
+    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
+    if (importlib.util.find_spec("merlin_longseq.kernels") is None
+            or importlib.util.find_spec("merlin_longseq.kernels.triton_hstu_attention") is None):
         return None
     from merlin_longseq.kernels.triton_hstu_attention import triton_hstu_attention
 

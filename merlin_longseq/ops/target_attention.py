@@ -1,0 +1,101 @@
+"""Target-to-history cross attention (STCA under request level batching): input checks once, then the
+explicit backend choice.
+
+Semantics (key-padding mask only, zeros for an empty history) are documented in
+ops/pytorch/pt_target_attention.py.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from merlin_longseq.backend import Backend, BackendUnavailableError, resolve_backend
+from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, validate_offsets
+from merlin_longseq.ops.pytorch.pt_target_attention import pytorch_target_attention
+
+
+def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len) -> None:
+    if q.dim() != 3:
+        raise JaggedInputError(f"q must be [total_targets, H, D], got shape {tuple(q.shape)}")
+    if k.dim() != 3 or k.shape[1:] != q.shape[1:]:
+        raise JaggedInputError(
+            f"k must be [total_history, H, D] with q's (H, D) = {tuple(q.shape[1:])}, got {tuple(k.shape)}"
+        )
+    if v.dim() != 3 or v.shape[:2] != k.shape[:2]:
+        raise JaggedInputError(
+            f"v must be [total_history, H, Dv] matching k's {tuple(k.shape[:2])}, got {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise JaggedInputError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    devices = {t.device for t in (q, k, v, q_offsets, kv_offsets)}
+    if len(devices) > 1:
+        raise JaggedInputError(f"q, k, v and both offsets must be on one device, got {sorted(map(str, devices))}")
+    try:
+        validate_offsets(q_offsets, total=q.shape[0])
+    except JaggedInputError as err:
+        raise JaggedInputError(f"q_offsets: {err}") from None
+    try:
+        validate_offsets(kv_offsets, total=k.shape[0], max_seq_len=max_history_len)
+    except JaggedInputError as err:
+        raise JaggedInputError(f"kv_offsets: {err}") from None
+    if q_offsets.numel() != kv_offsets.numel():
+        raise JaggedInputError(
+            f"q_offsets and kv_offsets must describe the same requests: {q_offsets.numel() - 1} vs "
+            f"{kv_offsets.numel() - 1}"
+        )
+    if not scale > 0:
+        raise JaggedInputError(f"scale must be positive, got {scale}")
+
+
+def target_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_offsets: torch.Tensor,
+    kv_offsets: torch.Tensor,
+    *,
+    scale: float | None = None,
+    max_history_len: int | None = None,
+    backend: Backend | str = Backend.AUTO,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """Each request's targets attend (softmax, per head) to that request's history only.
+
+    Args:
+        q: [total_targets, H, D] target queries, requests back to back (q_offsets [R + 1] int64).
+        k, v: [total_history, H, D] and [total_history, H, Dv], requests back to back (kv_offsets [R + 1]).
+        scale: score scale; 1 / sqrt(D) by default.
+        max_history_len: longest history in the batch, as a Python int (a kernel sizes its grid with it);
+            computed from kv_offsets when None, checked when given.
+        backend: auto / triton / pytorch (see merlin_longseq.backend).
+    Returns:
+        [total_targets, H, Dv]; targets of a request with an empty history get zeros.
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] else 1.0
+    if check_inputs:
+        _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len)
+    chosen = resolve_backend(backend, q, k, v)
+    if chosen is Backend.TRITON:
+        kernel = _triton_kernel()
+        if kernel is None:
+            if Backend.parse(backend) is Backend.TRITON:
+                raise BackendUnavailableError("no Triton kernel for target_attention is installed")
+        else:
+            if max_history_len is None:
+                lengths = lengths_from_offsets(kv_offsets)
+                max_history_len = int(lengths.max()) if lengths.numel() else 0
+            return kernel(q, k, v, q_offsets, kv_offsets, scale=scale, max_history_len=max_history_len)
+    return pytorch_target_attention(q, k, v, q_offsets, kv_offsets, scale)
+
+
+def _triton_kernel():
+    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
+    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
+    if (importlib.util.find_spec("merlin_longseq.kernels") is None
+            or importlib.util.find_spec("merlin_longseq.kernels.triton_target_attention") is None):
+        return None
+    from merlin_longseq.kernels.triton_target_attention import triton_target_attention
+
+    return triton_target_attention
