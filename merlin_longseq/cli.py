@@ -6,20 +6,31 @@ import datetime
 import os
 import sys
 
+NEXT_ITEM_ARCHS = ("hstu", "hstu-50", "xlnet")
+RANKING_ARCHS = ("stca", "mean-pool", "longer")
+
 
 def _demo(args) -> int:
-    from merlin_longseq.jobs import next_item
-
     run_dir = args.out or os.path.join("runs", datetime.datetime.now().strftime("demo-%Y%m%d-%H%M%S"))
-    cfg = next_item.NextItemJobConfig()
-    if args.quick:
-        cfg.data.num_users, cfg.data.min_history, cfg.data.max_history = 80, 60, 120
-        cfg.max_seq_len, cfg.epochs = 120, 1
-    if args.arch:
-        cfg.archs = tuple(args.arch)
+    chosen = tuple(args.arch or NEXT_ITEM_ARCHS + RANKING_ARCHS)
+    next_item_archs = tuple(a for a in chosen if a in NEXT_ITEM_ARCHS)
+    ranking_archs = tuple(a for a in chosen if a in RANKING_ARCHS)
     print(f"merlin-longseq demo -> {run_dir}")
-    next_item.run(run_dir, cfg)
-    print(f"report: {os.path.join(run_dir, 'report.md')}")
+    if next_item_archs:
+        from merlin_longseq.jobs import next_item
+
+        cfg = next_item.NextItemJobConfig.quick() if args.quick else next_item.NextItemJobConfig()
+        cfg.archs = next_item_archs
+        print("== part 1: next-item prediction (HSTU / ULTRA-HSTU in a Transformers4Rec model) ==")
+        next_item.run(os.path.join(run_dir, "next_item"), cfg)
+    if ranking_archs:
+        from merlin_longseq.jobs import ranking
+
+        cfg = ranking.RankingJobConfig.quick() if args.quick else ranking.RankingJobConfig()
+        cfg.archs = ranking_archs
+        print("== part 2: ranking over request-grouped impressions (RLB, length extrapolation) ==")
+        ranking.run(os.path.join(run_dir, "ranking"), cfg)
+    print(f"reports under {run_dir}/")
     return 0
 
 
@@ -29,11 +40,17 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="run the main job end to end on built-in synthetic data")
     demo.add_argument("--out", help="run folder (default runs/demo-<time>)")
     demo.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    demo.add_argument("--arch", action="append", choices=["hstu", "hstu-50", "xlnet"],
-                      help="sequence block(s) to train (repeatable; default all)")
+    demo.add_argument("--arch", action="append", choices=NEXT_ITEM_ARCHS + RANKING_ARCHS,
+                      help="architecture(s) to train (repeatable; default all). "
+                           "hstu/hstu-50/xlnet run the next-item part, stca/mean-pool/longer the ranking part")
+    from merlin_longseq.serving.cli import add_serving_commands  # serve / query (light import)
+
+    serving_commands = add_serving_commands(sub)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)
+    if args.command in serving_commands:
+        return serving_commands[args.command](args)
     parser.error(f"unknown command {args.command}")
     return 2
 

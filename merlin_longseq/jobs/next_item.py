@@ -23,20 +23,27 @@ from merlin_longseq.data.synthetic import SyntheticConfig, generate_events
 class NextItemJobConfig:
     # 80 interests visited round-robin: the next item was last seen about 80 events ago
     data: SyntheticConfig = field(default_factory=lambda: SyntheticConfig(
-        num_users=320, num_items=300, num_topics=100, interests_per_user=80, favorites_per_topic=1,
-        p_favorite=0.9, mean_session_len=1.0, min_history=300, max_history=600, seed=0))
-    max_seq_len: int = 600
+        num_users=192, num_items=300, num_topics=100, interests_per_user=80, favorites_per_topic=1,
+        p_favorite=0.9, mean_session_len=1.0, min_history=400, max_history=800, seed=0))
+    max_seq_len: int = 800
     short_window: int = 50
     d_model: int = 32
     n_heads: int = 1
     n_layers: int = 1
-    epochs: int = 6
-    batch_size: int = 8
-    learning_rate: float = 1e-2
+    epochs: int = 8
+    batch_size: int = 4
+    learning_rate: float = 5e-3
     # "element-wise-sum": one token per event = item + action embedding (ULTRA-HSTU); "concat" = T4R tutorial
     aggregation: str = "element-wise-sum"
     archs: tuple = ("hstu", "hstu-50", "xlnet")
     seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "NextItemJobConfig":
+        """Tiny sizes for a smoke run (CI): the pipeline end to end, not the accuracy."""
+        cfg = cls(max_seq_len=120, epochs=1)
+        cfg.data.num_users, cfg.data.min_history, cfg.data.max_history = 40, 60, 120
+        return cfg
 
 
 def build_t4r_model(schema, arch: str, cfg: NextItemJobConfig):
@@ -62,7 +69,9 @@ def build_t4r_model(schema, arch: str, cfg: NextItemJobConfig):
                           local_window=cfg.short_window)
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from hstu, hstu-50, xlnet")
-    body = tr.SequentialBlock(input_module, tr.MLPBlock([cfg.d_model]), block)
+    # No MLPBlock between the embeddings and the block (the tutorial has one): its ReLU zeroes half of every
+    # event embedding, and on this data it cost HSTU most of its accuracy (HR@10 0.15 vs 0.65, 96 users, L=400).
+    body = tr.SequentialBlock(input_module, block)
     metrics = [NDCGAt(top_ks=[10], labels_onehot=True), RecallAt(top_ks=[10], labels_onehot=True)]
     head = tr.Head(body, tr.NextItemPredictionTask(weight_tying=True, metrics=metrics), inputs=input_module)
     return tr.Model(head)
