@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= merlin,triton,test
+EXTRAS ?= merlin,triton,serve,test
 
 .PHONY: demo test test-fast bench clean-venv
 
@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q tests -m "not slow"
 
 bench:
-	python3 -m merlin_longseq.cli bench
+	python3 benchmarks/bench_kernels.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,7 +1,13 @@
 import importlib.util
+import os
 
 import pytest
 import torch
+
+# Without CUDA, every Triton kernel runs under the interpreter. The variable is read when a kernel is
+# decorated, so it must be set before any test module imports merlin_longseq.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _has(module: str) -> bool:

@@ -15,7 +15,7 @@ from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, valida
 from merlin_longseq.ops.pytorch.pt_target_attention import pytorch_target_attention
 
 
-def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len) -> None:
+def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets) -> None:
     if q.dim() != 3:
         raise JaggedInputError(f"q must be [total_targets, H, D], got shape {tuple(q.shape)}")
     if k.dim() != 3 or k.shape[1:] != q.shape[1:]:
@@ -32,7 +32,7 @@ def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len) -> Non
     if len(devices) > 1:
         raise JaggedInputError(f"q, k, v and both offsets must be on one device, got {sorted(map(str, devices))}")
     try:
-        validate_offsets(q_offsets, total=q.shape[0])
+        validate_offsets(q_offsets, total=q.shape[0], max_seq_len=max_targets)
     except JaggedInputError as err:
         raise JaggedInputError(f"q_offsets: {err}") from None
     try:
@@ -57,6 +57,7 @@ def target_attention(
     *,
     scale: float | None = None,
     max_history_len: int | None = None,
+    max_targets: int | None = None,
     backend: Backend | str = Backend.AUTO,
     check_inputs: bool = True,
 ) -> torch.Tensor:
@@ -68,6 +69,8 @@ def target_attention(
         scale: score scale; 1 / sqrt(D) by default.
         max_history_len: longest history in the batch, as a Python int (a kernel sizes its grid with it);
             computed from kv_offsets when None, checked when given.
+        max_targets: most targets of one request, as a Python int (the kernel's grid); computed from q_offsets
+            when None. Passing both lets torch.compile trace the Triton path without a device sync.
         backend: auto / triton / pytorch (see merlin_longseq.backend).
     Returns:
         [total_targets, H, Dv]; targets of a request with an empty history get zeros.
@@ -75,7 +78,7 @@ def target_attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] else 1.0
     if check_inputs:
-        _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len)
+        _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets)
     chosen = resolve_backend(backend, q, k, v)
     if chosen is Backend.TRITON:
         kernel = _triton_kernel()
@@ -86,7 +89,11 @@ def target_attention(
             if max_history_len is None:
                 lengths = lengths_from_offsets(kv_offsets)
                 max_history_len = int(lengths.max()) if lengths.numel() else 0
-            return kernel(q, k, v, q_offsets, kv_offsets, scale=scale, max_history_len=max_history_len)
+            if max_targets is None:
+                t_lengths = lengths_from_offsets(q_offsets)
+                max_targets = int(t_lengths.max()) if t_lengths.numel() else 0
+            return kernel(q, k, v, q_offsets, kv_offsets, scale=scale, max_history_len=max_history_len,
+                          max_targets=max_targets)
     return pytorch_target_attention(q, k, v, q_offsets, kv_offsets, scale)
 
 
