@@ -6,7 +6,8 @@ Input (shared with the STCA model so the two are directly comparable), per reque
     history  hist_item_ids / hist_actions / hist_timestamps [N] jagged by hist_offsets [R + 1] (most recent
              last, may be empty); request_time [R]; optional user_ids [R]
     targets  cand_item_ids [C] jagged by cand_offsets [R + 1] (at least one per request)
-    output   logits [C, num_tasks] (one sigmoid head per task)
+    output   logits [C, num_tasks] (one sigmoid head per task); num_tasks = 0 builds the model headless:
+             candidate_hidden gives the MLP's hidden layer [C, head_hidden] for external heads (T4R tasks)
 History token (width d = token_dim) = item + action + log2-bucketed (request_time - timestamp)
 + log2-bucketed recency rank (0 = most recent), the same buckets as STCA. No absolute position table: longer
 histories than trained on fall into the last buckets, and the context tables start at zero.
@@ -53,7 +54,7 @@ m (m + G) + k' m score entries in layer 1 instead of (m + k') (m + G). Layers 2.
 candidate (the recent tokens see the target through the global tokens).
 
 Head: the final global token states, the mean of the final recent states and the raw target item
-embedding, concatenated, then an MLP with num_tasks outputs.
+embedding, concatenated, then an MLP (one hidden layer of head_hidden units) with num_tasks outputs.
 
 Training options: mixed_precision (bf16 autocast on the input's device; attention softmax statistics stay
 float32, logits come back float32), recompute (torch.utils.checkpoint, use_reentrant=False, around the merge,
@@ -97,7 +98,7 @@ class LONGERConfig:
     num_items: int
     num_actions: int = 3
     num_users: int = 0  # 0: no user table (then no "user" / "target_x_user" global token)
-    num_tasks: int = 1
+    num_tasks: int = 1  # 0 = headless: candidate_hidden only (external heads, e.g. T4R prediction tasks)
     token_dim: int = 32  # d: width of one history event token
     merge_size: int = 4  # K: events per merged token
     merge_mode: str = "inner"  # inner | mean | concat
@@ -121,13 +122,13 @@ class LONGERConfig:
     length_sampler: BetaLengthSampler | None = None  # training only: keep a Beta-drawn recent suffix
 
     def __post_init__(self):
-        positive = ("num_items", "num_actions", "num_tasks", "token_dim", "merge_size", "inner_heads",
+        positive = ("num_items", "num_actions", "token_dim", "merge_size", "inner_heads",
                     "n_heads", "n_layers", "ffn_mult", "num_time_buckets", "num_rank_buckets", "head_hidden")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"LONGERConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_users < 0 or self.inner_layers < 0:
-            raise ValueError("num_users and inner_layers must be >= 0")
+        if self.num_users < 0 or self.inner_layers < 0 or self.num_tasks < 0:
+            raise ValueError("num_users, inner_layers and num_tasks must be >= 0")
         if self.merge_mode not in MERGE_MODES:
             raise ValueError(f"merge_mode must be one of {MERGE_MODES}, got {self.merge_mode!r}")
         if self.merge_mode == "inner" and self.inner_layers < 1:
@@ -216,9 +217,25 @@ def _merge_partials(a: _Partial, b: _Partial) -> _Partial:
     return _Partial(row_max, a.denom * wa + b.denom * wb, a.numer * wa + b.numer * wb)
 
 
-def _sdpa(q, k, v, mask):
-    """Masked softmax attention; every query row must see at least one key (callers add the diagonal)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+# cuDNN's SDPA backward fails ("mha_graph.execute ... is_good()") once batch * heads reaches 65,536 (seen on an
+# H100, torch 2.11: the inner transformer of 128 requests x 2,048 events is 65,536 groups), so larger batches
+# are cut into chunks of at most this many (batch * heads) rows
+_SDPA_MAX_ROWS = 32_768
+
+
+def _sdpa(q, k, v, mask, causal=False):
+    """Masked (or causal) softmax attention over q/k/v [B, H, T, Dh]; every query row must see at least one key
+    (callers add the diagonal). `causal` instead of a mask lets CUDA pick a flash kernel."""
+    per_item = math.prod(q.shape[1:-2])
+    chunk = max(1, _SDPA_MAX_ROWS // max(1, per_item))
+    if q.dim() < 3 or q.shape[0] <= chunk:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    per_row_mask = mask is not None and mask.shape[0] == q.shape[0]
+    return torch.cat([
+        F.scaled_dot_product_attention(q[i:i + chunk], k[i:i + chunk], v[i:i + chunk],
+                                       attn_mask=mask[i:i + chunk] if per_row_mask else mask, is_causal=causal)
+        for i in range(0, q.shape[0], chunk)
+    ])
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -238,7 +255,7 @@ class FeedForward(nn.Sequential):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x [B, T, D], mask [B or 1, 1, T, T] bool -> [B, T, D]."""
+    """Pre-norm transformer block: x [B, T, D], mask [B or 1, 1, T, T] bool (or causal=True) -> [B, T, D]."""
 
     def __init__(self, width: int, heads: int, ffn_mult: int, dropout: float):
         super().__init__()
@@ -251,13 +268,13 @@ class SelfAttentionBlock(nn.Module):
         self.ffn = FeedForward(width, ffn_mult, dropout)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None, causal=False):
         if x.shape[0] == 0 or x.shape[1] == 0:
             return x
         h = self.norm1(x)
         q = _split_heads(self.query(h), self.heads)  # [B, H, T, Dh]
         k, v = (_split_heads(t, self.heads) for t in self.key_value(h).chunk(2, dim=-1))
-        x = x + self.dropout(self.out(_merge_heads(_sdpa(q, k, v, mask))))
+        x = x + self.dropout(self.out(_merge_heads(_sdpa(q, k, v, mask, causal))))
         return x + self.ffn(self.norm2(x))
 
 
@@ -489,8 +506,11 @@ class LONGERModel(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d)
         head_in = cfg.num_global_tokens * d + d + cfg.token_dim
-        self.head = nn.Sequential(nn.Linear(head_in, cfg.head_hidden), nn.GELU(),
-                                  nn.Linear(cfg.head_hidden, cfg.num_tasks))
+        # head[:2] is the hidden layer (what a headless model returns), head[2] the task logits
+        self.head = nn.Sequential(nn.Linear(head_in, cfg.head_hidden), nn.GELU())
+        if cfg.num_tasks:
+            self.head.append(nn.Linear(cfg.head_hidden, cfg.num_tasks))
+        self.hidden_dim = cfg.head_hidden
 
     # ---- public API
 
@@ -512,6 +532,15 @@ class LONGERModel(nn.Module):
 
     def score(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs: bool = True):
         """Candidates of the cached requests -> logits [C, num_tasks] (float32)."""
+        self._need_heads()
+        return self._score(cache, cand_item_ids, cand_offsets, check_inputs, hidden=False)
+
+    def candidate_hidden(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs: bool = True):
+        """Candidates of the cached requests -> the head's hidden layer [C, head_hidden] (float32): the input
+        of the task logits, or of external heads when the model is headless (num_tasks = 0)."""
+        return self._score(cache, cand_item_ids, cand_offsets, check_inputs, hidden=True)
+
+    def _score(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs, hidden):
         if check_inputs:
             _check_candidates(self.cfg, cand_item_ids, cand_offsets, cache.num_requests)
         request_index, _ = jagged_positions(cand_offsets)
@@ -521,12 +550,15 @@ class LONGERModel(nn.Module):
                                        cand_offsets)
             recent_valid = cache.recent_valid[request_index]
             x = self._self_layers(x, recent_valid)
-            return self._head(x, recent_valid, target_emb).float()
+            return self._head(x, recent_valid, target_emb, hidden).float()
 
     def forward_reference(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
-                          cand_item_ids, cand_offsets, user_ids=None):
+                          cand_item_ids, cand_offsets, user_ids=None, hidden: bool = False):
         """Same model without the KV cache or the split softmax: every candidate runs layer 1 as one masked
-        attention over its own copy of [globals | merged]. Slower; it exists to check the fast path."""
+        attention over its own copy of [globals | merged]. Slower; it exists to check the fast path.
+        hidden=True returns what candidate_hidden returns instead of the logits."""
+        if not hidden:
+            self._need_heads()
         with self._autocast(hist_offsets.device):
             merged, merged_valid, recent_pos, recent_valid, features = self._prepare_request(
                 hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
@@ -554,9 +586,13 @@ class LONGERModel(nn.Module):
             mask = (mask | (empty_rows & first_key)).unsqueeze(1)  # [C, 1, m + Q, m + P]
             x = self.layer1.forward_dense(queries, keys, mask)
             x = self._self_layers(x, recent_valid[request_index])
-            return self._head(x, recent_valid[request_index], target_emb).float()
+            return self._head(x, recent_valid[request_index], target_emb, hidden).float()
 
     # ---- pieces
+
+    def _need_heads(self):
+        if self.cfg.num_tasks == 0:
+            raise RuntimeError("this LONGERModel was built headless (num_tasks=0); use candidate_hidden")
 
     def _autocast(self, device):
         if not self.cfg.mixed_precision:
@@ -655,13 +691,80 @@ class LONGERModel(nn.Module):
             x = self._maybe_checkpoint(layer, x, mask)
         return x
 
-    def _head(self, x, recent_valid, target_emb):
+    def _head(self, x, recent_valid, target_emb, hidden=False):
         x = self.final_norm(x)
         m = x.shape[1] - recent_valid.shape[1]
         weight = recent_valid.unsqueeze(-1).to(x.dtype)
         recent_mean = (x[:, m:] * weight).sum(1) / weight.sum(1).clamp(min=1)  # [C, d]
         features = torch.cat([x[:, :m].flatten(1), recent_mean, target_emb.to(x.dtype)], dim=-1)
-        return self.head(features)
+        return self.head[:2](features) if hidden else self.head(features)
+
+
+# ------------------------------------------------------------------------------------- baseline model
+
+
+class FullSequenceTransformer(nn.Module):
+    """The plain transformer LONGER is measured against (benchmarks/bench_longer.py): no token merge, no
+    hybrid attention, every layer over every event.
+
+    One sample = one (request, candidate) pair; the target is a token of the sequence, so nothing is shared
+    among a request's candidates. Histories have one length L (a benchmark baseline, not a ragged model):
+    hist_* [S, L] (most recent last), request_time [S], cand_item_ids [S] -> logits [S, num_tasks] (float32).
+    Tokens: the event tokens of LONGER (HistoryTokenizer) at `width`, then m = max(1, number of LONGER global
+    tokens) global tokens (the target item embedding, then learned vectors). Sequence [e_1 .. e_L | g_1 .. g_m]
+    under one causal mask: events see older events only and the globals, placed last, see the whole history
+    (a causal mask, so CUDA can use a flash kernel). Same layers, heads and FFN as cfg; head: the final
+    global states -> Linear(head_hidden) -> GELU -> Linear(num_tasks). cfg.mixed_precision applies.
+    """
+
+    def __init__(self, cfg: LONGERConfig, width: int | None = None):
+        super().__init__()
+        width = cfg.token_dim if width is None else width
+        if width < 1 or width % cfg.n_heads:
+            raise ValueError(f"width={width} must be positive and divisible by n_heads={cfg.n_heads}")
+        self.cfg, self.width = cfg, width
+        self.num_tasks = max(1, cfg.num_tasks)
+        self.num_global = max(1, cfg.num_global_tokens)
+        token_cfg = LONGERConfig(num_items=cfg.num_items, num_actions=cfg.num_actions, token_dim=width,
+                                 merge_mode="mean", n_heads=1, global_tokens=(),
+                                 num_time_buckets=cfg.num_time_buckets, num_rank_buckets=cfg.num_rank_buckets)
+        self.tokenizer = HistoryTokenizer(token_cfg)
+        self.global_vectors = nn.Parameter(0.02 * torch.randn(self.num_global - 1, width))
+        self.layers = nn.ModuleList(
+            SelfAttentionBlock(width, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(width)
+        self.head = nn.Sequential(nn.Linear(self.num_global * width, cfg.head_hidden), nn.GELU(),
+                                  nn.Linear(cfg.head_hidden, self.num_tasks))
+
+    def forward(self, hist_item_ids, hist_actions, hist_timestamps, request_time, cand_item_ids):
+        if hist_item_ids.dim() != 2 or hist_actions.shape != hist_item_ids.shape \
+                or hist_timestamps.shape != hist_item_ids.shape:
+            raise ValueError("hist_item_ids / hist_actions / hist_timestamps must all be [S, L], got "
+                             f"{tuple(hist_item_ids.shape)}, {tuple(hist_actions.shape)}, "
+                             f"{tuple(hist_timestamps.shape)}")
+        samples, length = hist_item_ids.shape
+        if request_time.shape != (samples,) or cand_item_ids.shape != (samples,):
+            raise ValueError(f"request_time and cand_item_ids must be [S] = [{samples}], got "
+                             f"{tuple(request_time.shape)} and {tuple(cand_item_ids.shape)}")
+        offsets = torch.arange(samples + 1, device=hist_item_ids.device) * length
+        autocast = (torch.autocast(device_type=hist_item_ids.device.type, dtype=torch.bfloat16)
+                    if self.cfg.mixed_precision else contextlib.nullcontext())
+        with autocast:
+            events = self.tokenizer(hist_item_ids.reshape(-1), hist_actions.reshape(-1),
+                                    hist_timestamps.reshape(-1), offsets, request_time)  # [S * L, w]
+            target = self.tokenizer.item(cand_item_ids).unsqueeze(1)  # [S, 1, w]
+            learned = self.global_vectors.to(target.dtype).expand(samples, -1, -1)  # [S, m - 1, w]
+            x = torch.cat([events.view(samples, length, -1), target, learned], dim=1)  # [S, L + m, w]
+            for layer in self.layers:
+                x = layer(x, causal=True)
+            x = self.final_norm(x[:, length:]).flatten(1)  # [S, m * w]
+            return self.head(x).float()
+
+    def flops_per_sample(self, history_len: int) -> int:
+        """Matmul FLOPs of one sample's forward pass (counted as full_transformer_flops_per_sample does)."""
+        head = 2 * self.num_global * self.width * self.cfg.head_hidden + 2 * self.cfg.head_hidden * self.num_tasks
+        return head + full_transformer_flops_per_sample(history_len, self.width, self.cfg.n_layers,
+                                                        self.cfg.ffn_mult, self.num_global)
 
 
 # ------------------------------------------------------------------------------------------ input checks
@@ -767,6 +870,7 @@ __all__ = [
     "RequestFeatures",
     "HistoryTokenizer",
     "HybridCrossLayer",
+    "FullSequenceTransformer",
     "LONGERConfig",
     "LONGERModel",
     "SelfAttentionBlock",

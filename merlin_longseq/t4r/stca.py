@@ -1,8 +1,5 @@
-"""STCA in Transformers4Rec: a body block, a masked binary task and a loader for request-grouped data.
-
-One row per request (the data contract): user_id, request_time, hist_item_id / hist_action / hist_timestamp
-(lists, most recent last, may be empty), cand_item_id (list, >= 1) and one list label column per task
-(click, like, ...) aligned with cand_item_id.
+"""STCA in Transformers4Rec: the STCABlock body. The data contract, the masked task and the loader it works
+with live in merlin_longseq.t4r.request (shared with LONGERBlock) and are importable from here as before.
 
     loader = request_dataloader(dataset, batch_size=64, label_columns=["click", "like"])
     block = STCABlock.from_schema(dataset.schema, d_model=64, n_layers=2)
@@ -11,74 +8,30 @@ One row per request (the data contract): user_id, request_time, hist_item_id / h
     for inputs, targets in loader:
         loss = model(inputs, targets=targets, training=True)["loss"]
 
-Why each piece exists (Transformers4Rec 23.12 / merlin-dataloader 23.8):
-- STCABlock reads the request columns from the raw input dict (there is no TabularSequenceFeatures in
-  front of it: its embeddings are its own), runs STCA with request level batching and returns one vector
-  per candidate, [B, C, hidden], padded candidates as zeros.
-- RequestBinaryClassificationTask: the stock BinaryClassificationTask scores every padded candidate
-  slot and counts it as a negative in the loss and the metrics (padded labels are 0, indistinguishable
-  from a real negative). This subclass keeps only the real candidates, using the mask the block records
-  on each forward (as T4R's own masking modules record theirs).
-- request_dataloader: the merlin Loader cannot pop ragged list columns as targets (KeyError on the
-  label: they arrive as `name__values` / `name__offsets`), and T4R's padding pads every list to one
-  length and truncates from the right, which would drop the MOST RECENT events. So the loader reads labels
-  as ordinary list columns and a Loader.map step pads each list to its own batch maximum and moves the
-  labels into the targets dict.
+STCABlock reads the request columns from the raw input dict (its embeddings are its own), runs STCA with
+request level batching and returns one vector per candidate, [B, C, hidden], padded candidates as zeros.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import Sequence
 
-import torch
-import torchmetrics as tm
-from merlin.schema import Schema as CoreSchema
-from merlin.schema import Tags, TagSet
-from transformers4rec.torch.block.base import BlockBase
-from transformers4rec.torch.model.prediction_task import BinaryClassificationTask
-from transformers4rec.torch.utils.data_utils import MerlinDataLoader
-from transformers4rec.torch.utils.padding import pad_batch
-
-from merlin_longseq.jagged import jagged_to_padded, lengths_from_padding, padded_to_jagged, padding_mask
+from merlin_longseq.jagged import jagged_to_padded
 from merlin_longseq.models.stca import STCAConfig, STCAModel
-
-@dataclasses.dataclass(frozen=True)
-class RequestColumns:
-    """Names of the request-grouped columns (the data contract's defaults)."""
-
-    hist_item_id: str = "hist_item_id"
-    hist_action: str = "hist_action"
-    hist_timestamp: str = "hist_timestamp"
-    request_time: str = "request_time"
-    cand_item_id: str = "cand_item_id"
-    user_id: str | None = "user_id"  # None: no user-id token
-
-    @property
-    def lists(self) -> list[str]:
-        return [self.hist_item_id, self.hist_action, self.hist_timestamp, self.cand_item_id]
+from merlin_longseq.t4r.request import (  # noqa: F401  (re-exported: these names lived here first)
+    RequestBatchPadding,
+    RequestBinaryClassificationTask,
+    RequestBlock,
+    RequestColumns,
+    _core_schema,
+    _domain_max,
+    _find_request_block,
+    _identity,
+    columns_and_sizes,
+    request_dataloader,
+)
 
 
-def _core_schema(schema):
-    if schema is None or isinstance(schema, CoreSchema):
-        return schema
-    from transformers4rec.torch.utils.data_utils import to_core_schema  # a T4R (merlin_standard_lib) schema
-
-    return to_core_schema(schema)
-
-
-def _domain_max(schema: CoreSchema, column: str) -> int:
-    if column not in schema.column_names:
-        raise ValueError(f"column {column!r} is not in the schema (columns: {schema.column_names})")
-    # read the property itself: int_domain is None whenever the dtype was not inferred (an empty first list)
-    domain = schema[column].properties.get("domain") or {}
-    if domain.get("max") is None:
-        raise ValueError(f"column {column!r} has no int domain (properties['domain']['max']) in the schema; "
-                         "pass num_items / num_actions / num_users explicitly")
-    return int(domain["max"])
-
-
-class STCABlock(BlockBase):
+class STCABlock(RequestBlock):
     """STCA as a Transformers4Rec body: request dict in, per-candidate vectors [B, C, hidden] out.
 
     The STCA model is built headless: the heads are the T4R prediction tasks (RequestBinaryClassificationTask).
@@ -93,7 +46,7 @@ class STCABlock(BlockBase):
             self.columns = dataclasses.replace(self.columns, user_id=None)
         self.stca_config = dataclasses.replace(config, tasks=())
         self.model = STCAModel(self.stca_config)
-        self.candidate_mask: torch.Tensor | None = None
+        self.candidate_mask = None
         self.schema = schema
 
     @classmethod
@@ -104,206 +57,20 @@ class STCABlock(BlockBase):
         config_fields: any STCAConfig field (d_model, n_layers, length_sampler, ...); an explicit num_items,
         num_actions or num_users wins over the schema.
         """
-        schema = _core_schema(schema)
-        columns = columns or RequestColumns()
-        if not use_user_id or (columns.user_id is not None and columns.user_id not in schema.column_names):
-            columns = dataclasses.replace(columns, user_id=None)
-        missing = [c for c in [*columns.lists, columns.request_time] if c not in schema.column_names]
-        if missing:
-            raise ValueError(f"the schema lacks the request columns {missing} (columns: {schema.column_names})")
-        sizes = {}
-        if "num_items" not in config_fields:
-            sizes["num_items"] = max(_domain_max(schema, columns.hist_item_id),
-                                     _domain_max(schema, columns.cand_item_id))
-        if "num_actions" not in config_fields:
-            sizes["num_actions"] = _domain_max(schema, columns.hist_action)
-        if "num_users" not in config_fields:
-            sizes["num_users"] = _domain_max(schema, columns.user_id) if columns.user_id else 0
+        schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
         return cls(STCAConfig(**sizes, **config_fields), columns, schema=schema)
 
     @property
     def hidden_dim(self) -> int:
         return self.model.hidden_dim
 
-    @property
-    def inputs(self):
-        # tr.Model.input_schema reads body.inputs.schema
-        return self
-
-    @property
-    def schema(self):
-        """The request columns this block reads (a merlin Schema), when it was given one."""
-        return self._core_schema
-
-    @schema.setter
-    def schema(self, value):
-        value = _core_schema(value)
-        if value is not None:
-            wanted = [*self.columns.lists, self.columns.request_time] + ([self.columns.user_id] if self.columns.user_id
-                                                                          else [])
-            value = value.select_by_name([c for c in wanted if c in value.column_names])
-        self._core_schema = value
-
-    def output_size(self, input_size=None):
-        return self.forward_output_size(input_size)
-
-    def forward_output_size(self, input_size):
-        return [None, None, self.hidden_dim]
-
-    def _column(self, inputs, name):
-        if name not in inputs:
-            if f"{name}__values" in inputs:
-                raise ValueError(f"{name} arrives ragged ({name}__values / __offsets): load the data with "
-                                 "request_dataloader, which pads every list column")
-            raise KeyError(f"STCABlock needs the input column {name!r}; got {sorted(inputs)}")
-        return inputs[name]
-
-    def _padded_list(self, inputs, name):
-        values = self._column(inputs, name)
-        if values.dim() != 2:
-            raise ValueError(f"{name} must be a padded list column [batch, length], got shape {tuple(values.shape)}")
-        if values.is_floating_point():
-            raise TypeError(f"{name} must hold integers, got {values.dtype} (an NVTabular float pad value turns "
-                            "list<int64> into list<double>: pass pad_value=0)")
-        return values
-
     def forward(self, inputs, training=False, testing=False, **kwargs):
-        cols = self.columns
-        hist_items = self._padded_list(inputs, cols.hist_item_id)  # [B, L], 0 = padding
-        history_lengths = lengths_from_padding(hist_items)
-        hist_items, hist_offsets = padded_to_jagged(hist_items, history_lengths)
-        hist_actions = padded_to_jagged(self._padded_list(inputs, cols.hist_action), history_lengths)[0]
-        hist_times = padded_to_jagged(self._padded_list(inputs, cols.hist_timestamp), history_lengths)[0]
-        cand_padded = self._padded_list(inputs, cols.cand_item_id)  # [B, C]
-        cand_lengths = lengths_from_padding(cand_padded)
-        cand_items, cand_offsets = padded_to_jagged(cand_padded, cand_lengths)
-        request_time = self._column(inputs, cols.request_time).reshape(-1)  # [B] (the loader may give [B, 1])
-        user_ids = self._column(inputs, cols.user_id).reshape(-1) if cols.user_id else None
-
-        state = self.model.encode_user(hist_items, hist_actions, hist_times, hist_offsets, request_time, user_ids)
-        hidden = self.model.candidate_hidden(state, cand_items, cand_offsets)  # [total_candidates, hidden]
-        self.candidate_mask = padding_mask(cand_lengths, cand_padded.shape[1])
-        return jagged_to_padded(hidden, cand_offsets, cand_padded.shape[1])  # [B, C, hidden]
+        request = self.request_inputs(inputs)
+        state = self.model.encode_user(**request.history)
+        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)  # [C, hidden]
+        self._record_mask(request)
+        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)  # [B, C, hidden]
 
 
-def _find_request_block(body) -> STCABlock:
-    found = [m for m in body.modules() if isinstance(m, STCABlock)]
-    if len(found) != 1:
-        raise ValueError(f"RequestBinaryClassificationTask needs exactly one STCABlock in the body, found {len(found)}")
-    return found[0]
-
-
-class RequestBinaryClassificationTask(BinaryClassificationTask):
-    """BinaryClassificationTask over the candidates of request-grouped rows, padded candidates left out.
-
-    Training/testing: loss, predictions and labels cover the real candidates only (1-D, request order), so
-    T4R's metrics and the Trainer's evaluation see no padding. Inference: [B, C] probabilities, padded
-    candidates set to 0. Default metrics: fresh binary Precision, Recall, Accuracy and AUROC per task (the
-    stock default shares one set of metric objects among all tasks) on probabilities, not rounded scores.
-    """
-
-    def __init__(self, target_name: str, task_name: str | None = None, task_block=None,
-                 loss: torch.nn.Module | None = None, metrics: Sequence[tm.Metric] | None = None):
-        if metrics is None:
-            metrics = (tm.Precision(task="binary"), tm.Recall(task="binary"), tm.Accuracy(task="binary"),
-                       tm.AUROC(task="binary"))
-        super().__init__(target_name=target_name, task_name=task_name, task_block=task_block,
-                         loss=loss if loss is not None else torch.nn.BCELoss(), metrics=metrics, summary_type=None)
-        self.forward_to_prediction_fn = _identity
-        self._request_block: tuple = ()  # a tuple, so the block is not registered as a second parent
-
-    def build(self, body, input_size, inputs=None, device=None, task_block=None, pre=None):
-        self._request_block = (_find_request_block(body),)
-        return super().build(body, input_size, inputs=inputs, device=device, task_block=task_block, pre=pre)
-
-    def forward(self, inputs, targets=None, training=False, testing=False, **kwargs):
-        if not self._request_block:
-            raise RuntimeError("RequestBinaryClassificationTask is not built: put it in a tr.Head with an STCABlock")
-        x = inputs
-        if self.task_block:
-            x = self.task_block(x)
-        probabilities = self.pre(x)  # [B, C]
-        mask = self._request_block[0].candidate_mask
-        if mask is None or mask.shape != probabilities.shape:
-            raise RuntimeError("the STCABlock's candidate mask does not match these outputs; call the block first")
-        if not (training or testing):
-            return probabilities * mask.to(probabilities.dtype)
-        if targets is None:
-            raise ValueError(f"task {self.task_name!r} needs the {self.target_name!r} labels in training/testing")
-        if targets.shape != mask.shape:
-            raise ValueError(f"labels {self.target_name!r} have shape {tuple(targets.shape)} but the candidates "
-                             f"{tuple(mask.shape)}: a label list must be aligned with cand_item_id")
-        predictions, labels = probabilities[mask], targets[mask].to(probabilities.dtype)
-        return {"loss": self.loss(predictions, labels), "labels": labels, "predictions": predictions}
-
-    def calculate_metrics(self, predictions, targets):
-        # every metric here is binary: give all of them int labels (the stock code does it only for its defaults)
-        return {self.metric_name(m): m(predictions, targets.int()) for m in self.metrics}
-
-
-def _identity(x):
-    return x
-
-
-class RequestBatchPadding:
-    """A merlin Loader map step: pads each list column to its own batch maximum, moves labels to targets.
-
-    It runs inside the merlin Loader (Loader.map), so it applies both when the T4R MerlinDataLoader is
-    iterated and when tr.Model.fit / evaluate iterate its `.dataset` directly.
-    """
-
-    def __init__(self, label_columns: Sequence[str]):
-        self.label_columns = list(label_columns)
-
-    def __call__(self, inputs, targets=None):
-        widths = {}
-        for key, offsets in inputs.items():
-            if key.endswith("__offsets"):
-                row_lengths = offsets.reshape(-1).diff()
-                # width >= 1: a batch of empty histories still gives a [B, 1] padded tensor
-                widths[key[: -len("__offsets")]] = max(1, int(row_lengths.max()) if row_lengths.numel() else 1)
-        padded = pad_batch(inputs, widths)
-        labels = {}
-        for name in self.label_columns:
-            if name not in padded:
-                raise KeyError(f"label column {name!r} is not in the batch; got {sorted(padded)}")
-            labels[name] = padded.pop(name)
-        return padded, labels
-
-
-def request_dataloader(paths_or_dataset, batch_size: int, label_columns: Sequence[str], *,
-                       columns: RequestColumns | None = None, schema=None, shuffle: bool = False,
-                       drop_last: bool = False, **loader_kwargs) -> MerlinDataLoader:
-    """A Transformers4Rec MerlinDataLoader over request-grouped parquet: (inputs, {label: [B, C]}) batches.
-
-    Lists come padded with 0 to their own batch maximum (history and candidates separately, nothing
-    truncated); labels are aligned with cand_item_id. Works with a plain loop and with tr.Trainer
-    (pass it as train_dataloader / eval_dataloader).
-    """
-    import merlin.io
-
-    columns = columns or RequestColumns()
-    if isinstance(paths_or_dataset, merlin.io.Dataset):
-        dataset = copy.copy(paths_or_dataset)  # the loader rewrites the schema: leave the caller's alone
-    else:
-        dataset = merlin.io.Dataset(paths_or_dataset, engine="parquet")
-    schema = _core_schema(schema) or dataset.schema
-    # the merlin Loader pops TARGET-tagged columns as labels and fails on ragged lists: untag them here
-    cleaned = []
-    for col in schema:
-        if col.name in label_columns and Tags.TARGET in col.tags:
-            untagged = TagSet([t for t in col.tags if t != Tags.TARGET])
-            col = dataclasses.replace(col, tags=untagged, dims=col.shape.as_tuple)
-        cleaned.append(col)
-    schema = CoreSchema(cleaned)
-    lists = columns.lists + list(label_columns)
-    scalars = [columns.request_time] + ([columns.user_id] if columns.user_id and columns.user_id in schema.column_names
-                                         else [])
-    missing = [c for c in lists + scalars if c not in schema.column_names]
-    if missing:
-        raise ValueError(f"the dataset lacks the columns {missing} (columns: {schema.column_names})")
-    dataset.schema = schema
-    loader = MerlinDataLoader(dataset, batch_size, max_sequence_length=None, cats=scalars, conts=[], labels=[],
-                              lists=lists, shuffle=shuffle, drop_last=drop_last, schema=schema, **loader_kwargs)
-    loader.dataset.map(RequestBatchPadding(label_columns))  # loader.dataset: the merlin Loader it wraps
-    return loader
+__all__ = ["RequestBatchPadding", "RequestBinaryClassificationTask", "RequestColumns", "STCABlock",
+           "request_dataloader"]

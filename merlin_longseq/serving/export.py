@@ -1,0 +1,189 @@
+"""Export a trained model plus its NVTabular item encoding as a Triton model repository (merlin-systems).
+
+    repo/
+      0_transformworkflowtriton/   the serving workflow (python backend, NVTabular): raw ids -> model ids
+      executor_model/              the ensemble entry point (python backend): runs the DAG, and in it our
+                                   PredictLongSeq step (PyTorch; Triton kernels on GPU)
+      merlin_longseq.json          what the client needs: input columns, outputs, architecture, limits
+
+The serving workflow. Training workflows group an impression log (workflows/request_grouping.py) or an
+event log (workflows/sequences.py); a request at serving time already carries the user's raw history and
+its candidates. `serving_workflow` therefore takes the FITTED item Categorify out of the training
+workflow and applies its vocabulary, unchanged, jointly to the history and candidate item lists; every
+other column passes through. Raw ids the vocabulary does not know become Categorify's null / OOV ids
+(1, 2), which the model step rejects with a clear error.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from typing import Sequence
+
+import torch
+from merlin.systems.dag import Ensemble
+from merlin.systems.dag.ops.workflow import TransformWorkflow
+from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
+from merlin.systems.dag.runtimes.triton.ops.workflow import TransformWorkflowTriton
+
+from merlin_longseq.serving.operator import PredictLongSeq, ServingColumns
+from merlin_longseq.serving.scoring import default_rules, model_architecture
+
+MANIFEST = "merlin_longseq.json"
+ENTRY_MODEL = "executor_model"
+# Categorify (NVTabular 23.08) encodes 0 = padding, 1 = null, 2 = out of vocabulary, 3.. = vocabulary
+CATEGORIFY_UNKNOWN_IDS = (1, 2)
+
+
+def _categorify_ops(workflow):
+    import nvtabular as nvt
+    from merlin.dag import postorder_iter_nodes
+
+    return [node.op for node in postorder_iter_nodes(workflow.output_node) if isinstance(node.op, nvt.ops.Categorify)]
+
+
+def find_item_vocabulary(workflow, item_column: str | None = None) -> tuple[str, str]:
+    """(storage name, parquet path) of the fitted Categorify vocabulary of the item ids in `workflow`.
+
+    item_column None: the joint hist_item_id/cand_item_id vocabulary of a request workflow, else `item_id`.
+    """
+    candidates = [item_column] if item_column else ["hist_item_id", "cand_item_id", "item_id"]
+    for op in _categorify_ops(workflow):
+        for column in candidates:
+            storage = op.storage_name.get(column, column)
+            if storage in op.categories:
+                return storage, op.categories[storage]
+    found = {name for op in _categorify_ops(workflow) for name in op.categories}
+    raise ValueError(f"no fitted Categorify of {candidates} in this workflow (fitted vocabularies: "
+                     f"{sorted(found) or 'none'}); fit the workflow first or pass item_column")
+
+
+def serving_workflow(workflow, *, columns: ServingColumns | None = None, item_column: str | None = None,
+                     out_path: str, user_dtype=None):
+    """A fitted nvt.Workflow over the raw request columns: history and candidate item lists encoded with
+    the training workflow's item vocabulary (jointly), the other request columns passed through.
+
+    out_path receives a copy of the vocabulary (Workflow.save copies it again into the repository).
+    """
+    import merlin.dtypes as md
+    import nvtabular as nvt
+    import pandas as pd
+    from merlin.schema import ColumnSchema, Schema, Tags
+
+    columns = columns or ServingColumns()
+    storage, path = find_item_vocabulary(workflow, item_column)
+    joint = f"{columns.hist_item_id}_{columns.cand_item_id}"
+    # the same vocabulary (same row index = same encoded id) under the joint name Categorify looks up
+    vocab = pd.read_parquet(path)
+    vocab = vocab.rename(columns={storage: joint, f"{storage}_size": f"{joint}_size"})
+    os.makedirs(out_path, exist_ok=True)
+    joint_path = os.path.join(out_path, f"unique.{joint}.parquet")
+    vocab.to_parquet(joint_path)
+
+    encode = nvt.ops.Categorify(encode_type="joint", out_path=out_path)
+    # a pre-fitted op: its vocabulary is the training one, so this workflow needs no fit
+    encode.categories = {joint: joint_path}
+    encode.storage_name = {columns.hist_item_id: joint, columns.cand_item_id: joint}
+    encoded = [[columns.hist_item_id, columns.cand_item_id]] >> encode
+    passthrough = [c for c in columns.list_columns() + columns.scalar_columns()
+                   if c not in (columns.hist_item_id, columns.cand_item_id)]
+    flow = nvt.Workflow(encoded + passthrough if passthrough else encoded)
+
+    def list_col(name, tags=()):
+        return ColumnSchema(name, dtype=md.int64, is_list=True, is_ragged=True, tags=list(tags))
+    inputs = [list_col(columns.hist_item_id, [Tags.ITEM, Tags.ID]),
+              list_col(columns.cand_item_id, [Tags.ITEM, Tags.ID])]
+    inputs += [list_col(c) for c in (columns.hist_action, columns.hist_timestamp) if c]
+    inputs += [ColumnSchema(c, dtype=user_dtype or md.int64) for c in columns.scalar_columns()]
+    flow.fit_schema(Schema(inputs))
+    return flow
+
+
+def _named_runtime(name: str):
+    """merlin-systems' Triton runtime, except that the workflow model is called `<name>_<n>_transformworkflow`
+    (stock: `<n>_transformworkflowtriton`), so several ensembles can share one repository."""
+    runtime = TritonExecutorRuntime()
+    runtime.op_table = {**runtime.op_table, TransformWorkflow: lambda op: NamedTransformWorkflowTriton(op, name)}
+    return runtime
+
+
+class NamedTransformWorkflowTriton(TransformWorkflowTriton):
+    """TransformWorkflowTriton whose Triton model is `<prefix>_<n>_transformworkflowtriton`."""
+
+    def __init__(self, op, prefix: str = ""):
+        super().__init__(op)
+        self.prefix = prefix
+
+    def export(self, path, input_schema, output_schema, params=None, node_id=None, version=1):
+        return super().export(path, input_schema, output_schema, params=params,
+                              node_id=f"{self.prefix}_{node_id}", version=version)
+
+
+def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int | None = None,
+           task_names: Sequence[str] | None = None, columns: ServingColumns | None = None,
+           item_column: str | None = None, device: str = "auto", cache_entries: int = 0,
+           cache_bytes: int = 1 << 30, check_unknown_items: bool = True, name: str = ENTRY_MODEL) -> dict:
+    """Write a Triton model repository serving `model` behind the item encoding of `workflow`.
+
+    workflow: a fitted training workflow holding the item Categorify (build_request_workflow's, or
+              sequences.build_encode_workflow's), or None when the request already carries model ids.
+    model:    STCAModel, LONGERModel or HSTUNextItemModel (trained on that encoding).
+    max_history: longest history accepted (HSTU: at most its max_seq_len; required for STCA/LONGER).
+    columns:  request column names; HSTU defaults to item, action and timestamp lists without request
+              time and user (set hist_action / hist_timestamp / user_id to use them).
+    cache_entries > 0 turns on the per-user cache of encoded user sides (bounded by cache_bytes too).
+    name:     the entry model's name; export several models under different names into one repository
+              to serve them from one server.
+    Returns the manifest entry (also merged into repo_dir/merlin_longseq.json under "models"/name).
+    """
+    if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
+        raise ValueError(f"model name must be letters, digits, _ or -, got {name!r}")
+    arch = model_architecture(model)
+    if columns is None:
+        columns = ServingColumns() if arch != "hstu" else ServingColumns(
+            hist_action=None, hist_timestamp=None, request_time=None, user_id="user_id")
+    model = copy.deepcopy(model).cpu().eval()
+    unknown = CATEGORIFY_UNKNOWN_IDS if (workflow is not None and check_unknown_items) else ()
+    rules = default_rules(model, max_history, unknown)
+    os.makedirs(repo_dir, exist_ok=True)
+    predict = PredictLongSeq(model, rules, task_names=task_names, columns=columns, device=device,
+                             cache_entries=cache_entries, cache_bytes=cache_bytes)
+    with tempfile.TemporaryDirectory() as scratch:  # Workflow.save copies the vocabulary into the repo
+        if workflow is not None:
+            flow = serving_workflow(workflow, columns=columns, item_column=item_column, out_path=scratch)
+            graph = flow.input_schema.column_names >> TransformWorkflow(flow) >> predict
+            input_schema = flow.input_schema
+        else:
+            input_schema = _raw_input_schema(columns)
+            graph = input_schema.column_names >> predict
+        ensemble = Ensemble(graph, input_schema)
+        ensemble.export(repo_dir, name=name, runtime=_named_runtime(name))
+    manifest = {
+        "model_name": name,
+        "inputs": {"lists": columns.list_columns(), "scalars": columns.scalar_columns()},
+        **predict.describe(),
+    }
+    path = os.path.join(repo_dir, MANIFEST)
+    everything = read_manifest(repo_dir) if os.path.exists(path) else {"models": {}}
+    everything["models"][name] = manifest
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(everything, f, indent=2)
+    return manifest
+
+
+def _raw_input_schema(columns: ServingColumns):
+    import merlin.dtypes as md
+    from merlin.schema import ColumnSchema, Schema
+
+    return Schema([ColumnSchema(c, dtype=md.int64, is_list=True, is_ragged=True) for c in columns.list_columns()]
+                  + [ColumnSchema(c, dtype=md.int64) for c in columns.scalar_columns()])
+
+
+def read_manifest(repo_dir: str) -> dict:
+    path = os.path.join(repo_dir, MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"{repo_dir} is not a merlin-longseq model repository (no {MANIFEST}); "
+                         "write one with merlin_longseq.serving.export")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
