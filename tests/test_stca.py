@@ -183,7 +183,8 @@ def test_headless_model_gives_tower_outputs():
         model(**batch)
 
 
-def test_bad_inputs_raise_clear_errors():
+def test_bad_inputs_raise_clear_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # conftest sets it on CPU; here CPU must be refused
     model = STCAModel(tiny_config())
     batch = random_requests([3, 2], [2, 1])
 

@@ -1,0 +1,165 @@
+"""Mean-pooling ranking baseline: what a model gets from the history without attention.
+
+    x_j  = item_emb(item_j) + action_emb(action_j)             (one token per past event)
+    u    = mean_j x_j                                           (zeros for an empty history)
+    out  = MLP([u || x_t || u * x_t (|| user token)])           (x_t = item_emb(target), one table)
+
+The user side (u) is computed once per request (request level batching), like STCA, and the interface is
+STCAModel's (encode_user / candidate_hidden / score_candidates / forward over jagged requests), so the two
+models are interchangeable in the jobs and the Transformers4Rec block. The mean weighs every event equally:
+it blurs which items the user met, which is what the attention models are measured against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
+from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, validate_offsets
+
+
+@dataclass
+class MeanPoolConfig:
+    num_items: int  # item ids 1..num_items (history and candidates share one table); 0 = padding
+    num_actions: int = 3  # action ids 1..num_actions; 0 = unknown
+    num_users: int = 0  # > 0 adds a user-id token (ids 1..num_users, 0 = unknown)
+    d_model: int = 32
+    tasks: tuple[str, ...] = ("click",)  # one sigmoid head each; () = headless (external heads, e.g. T4R)
+    mlp_dims: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0
+    length_sampler: BetaLengthSampler | None = None  # training-only recent-suffix sampling, as STCA
+
+    def __post_init__(self):
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.num_actions < 0 or self.num_users < 0:
+            raise ValueError("num_actions and num_users must be >= 0")
+        if self.d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {self.d_model}")
+        self.tasks = tuple(self.tasks)
+        self.mlp_dims = tuple(self.mlp_dims)
+        if any(size < 1 for size in self.mlp_dims):
+            raise ValueError(f"mlp_dims must be positive, got {self.mlp_dims}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"task names must be unique, got {self.tasks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
+            raise TypeError("length_sampler must be a BetaLengthSampler or None")
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+
+@dataclass
+class MeanPoolUserState:
+    pooled: torch.Tensor  # [R, d_model]
+    user_tokens: torch.Tensor | None  # [R, d_model] or None
+
+    @property
+    def num_requests(self) -> int:
+        return self.pooled.shape[0]
+
+
+class MeanPoolModel(nn.Module):
+    def __init__(self, cfg: MeanPoolConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+        self.action_embedding = nn.Embedding(cfg.num_actions + 1, d, padding_idx=0)
+        self.user_embedding = nn.Embedding(cfg.num_users + 1, d, padding_idx=0) if cfg.num_users else None
+        layers, width = [], (3 + bool(cfg.num_users)) * d
+        for size in cfg.mlp_dims:
+            layers += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(cfg.dropout)]
+            width = size
+        self.tower = nn.Sequential(*layers)
+        self.hidden_dim = width
+        self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
+
+    def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
+                    user_ids=None) -> MeanPoolUserState:
+        """Mean history token per request (timestamps are accepted for interface parity and not used)."""
+        self._check_history(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        if self.training and self.cfg.length_sampler is not None:
+            kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
+                lengths_from_offsets(hist_offsets)))
+            hist_item_ids, hist_actions = hist_item_ids[kept], hist_actions[kept]
+        tokens = self.item_embedding(hist_item_ids) + self.action_embedding(hist_actions)  # [N, d]
+        lengths = lengths_from_offsets(hist_offsets)
+        requests = lengths.shape[0]
+        owner = torch.repeat_interleave(torch.arange(requests, device=tokens.device), lengths)
+        sums = torch.zeros(requests, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
+        sums = sums.index_add(0, owner, tokens)
+        pooled = sums / lengths.clamp(min=1).unsqueeze(1).to(tokens.dtype)  # empty history -> zeros
+        user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
+        return MeanPoolUserState(pooled, user_tokens)
+
+    def candidate_hidden(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
+        """Tower output [total_candidates, hidden_dim]."""
+        self._check_candidates(cand_item_ids, cand_offsets, state.num_requests)
+        request_of = torch.repeat_interleave(torch.arange(state.num_requests, device=cand_offsets.device),
+                                             lengths_from_offsets(cand_offsets))
+        target = self.item_embedding(cand_item_ids)
+        pooled = state.pooled[request_of]
+        features = [pooled, target, pooled * target]
+        if state.user_tokens is not None:
+            features.append(state.user_tokens[request_of])
+        return self.tower(torch.cat(features, dim=-1))
+
+    def score_candidates(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
+        if self.heads is None:
+            raise RuntimeError("this MeanPoolModel was built headless (tasks=()); use candidate_hidden")
+        return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
+
+    def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
+                cand_offsets, user_ids=None) -> torch.Tensor:
+        """Logits [total_candidates, num_tasks], candidates in request order."""
+        state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        return self.score_candidates(state, cand_item_ids, cand_offsets)
+
+    # ---- checks ----------------------------------------------------------------------------------------
+    def _check_history(self, item_ids, actions, timestamps, offsets, request_time, user_ids):
+        cfg = self.cfg
+        for name, t in (("hist_item_ids", item_ids), ("hist_actions", actions), ("hist_timestamps", timestamps)):
+            if t.dim() != 1 or t.dtype.is_floating_point:
+                raise JaggedInputError(f"{name} must be a 1-D integer tensor [total_history], got "
+                                       f"{t.dtype} of shape {tuple(t.shape)}")
+            if t.shape != item_ids.shape:
+                raise JaggedInputError(f"{name} has {t.shape[0]} events but hist_item_ids has {item_ids.shape[0]}")
+        try:
+            validate_offsets(offsets, total=item_ids.shape[0])
+        except JaggedInputError as err:
+            raise JaggedInputError(f"hist_offsets: {err}") from None
+        requests = offsets.numel() - 1
+        if request_time.shape != (requests,):
+            raise JaggedInputError(f"request_time must be [R] = [{requests}], got shape {tuple(request_time.shape)}")
+        _check_id_range("hist_item_ids", item_ids, cfg.num_items)
+        _check_id_range("hist_actions", actions, cfg.num_actions)
+        if cfg.num_users:
+            if user_ids is None or user_ids.shape != (requests,) or user_ids.dtype.is_floating_point:
+                got = None if user_ids is None else f"{user_ids.dtype} of shape {tuple(user_ids.shape)}"
+                raise JaggedInputError(f"num_users={cfg.num_users} needs integer user_ids [R] = [{requests}], "
+                                       f"got {got}")
+            _check_id_range("user_ids", user_ids, cfg.num_users)
+
+    def _check_candidates(self, cand_item_ids, cand_offsets, requests):
+        if cand_item_ids.dim() != 1 or cand_item_ids.dtype.is_floating_point:
+            raise JaggedInputError(f"cand_item_ids must be a 1-D integer tensor [total_candidates], got "
+                                   f"{cand_item_ids.dtype} of shape {tuple(cand_item_ids.shape)}")
+        try:
+            validate_offsets(cand_offsets, total=cand_item_ids.shape[0])
+        except JaggedInputError as err:
+            raise JaggedInputError(f"cand_offsets: {err}") from None
+        if cand_offsets.numel() - 1 != requests:
+            raise JaggedInputError(f"cand_offsets describe {cand_offsets.numel() - 1} requests but the history "
+                                   f"has {requests}")
+        _check_id_range("cand_item_ids", cand_item_ids, self.cfg.num_items)
+
+
+def _check_id_range(name, ids, largest):
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > largest):
+        raise JaggedInputError(f"{name} must lie in [0, {largest}], got values in [{int(ids.min())}, {int(ids.max())}]")

@@ -1,0 +1,53 @@
+"""Mean pooling in Transformers4Rec: the MeanPoolBlock body, a baseline for the request blocks.
+
+Same contract, task and loader as STCABlock / LONGERBlock (merlin_longseq.t4r.request):
+
+    block = MeanPoolBlock.from_schema(dataset.schema, d_model=32)
+    model = tr.Model(tr.Head(block, [RequestBinaryClassificationTask("click")]))
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from merlin_longseq.jagged import jagged_to_padded
+from merlin_longseq.models.pooling import MeanPoolConfig, MeanPoolModel
+from merlin_longseq.t4r.request import RequestBlock, RequestColumns, columns_and_sizes
+
+
+class MeanPoolBlock(RequestBlock):
+    """Mean of the history tokens + target token -> MLP; request dict in, [B, C, hidden] out.
+
+    Built headless (the heads are the T4R tasks). After every forward `candidate_mask` [B, C] marks the
+    real candidates.
+    """
+
+    def __init__(self, config: MeanPoolConfig, columns: RequestColumns | None = None, schema=None):
+        super().__init__()
+        self.columns = columns or RequestColumns()
+        if config.num_users == 0 and self.columns.user_id is not None:
+            self.columns = dataclasses.replace(self.columns, user_id=None)
+        self.pool_config = dataclasses.replace(config, tasks=())
+        self.model = MeanPoolModel(self.pool_config)
+        self.candidate_mask = None
+        self.schema = schema
+
+    @classmethod
+    def from_schema(cls, schema, columns: RequestColumns | None = None, use_user_id: bool = True,
+                    **config_fields) -> "MeanPoolBlock":
+        """Sizes from the schema's int domains; config_fields: any MeanPoolConfig field (d_model, mlp_dims, ...)."""
+        schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
+        return cls(MeanPoolConfig(**sizes, **config_fields), columns, schema=schema)
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.model.hidden_dim
+
+    def forward(self, inputs, training=False, testing=False, **kwargs):
+        request = self.request_inputs(inputs)
+        state = self.model.encode_user(**request.history)
+        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)
+        self._record_mask(request)
+        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)
+
+
+__all__ = ["MeanPoolBlock"]
