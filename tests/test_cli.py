@@ -26,3 +26,26 @@ def test_quick_next_item_demo_writes_report(tmp_path, capsys):
 def test_unknown_arch_is_rejected():
     with pytest.raises(SystemExit):
         cli.main(["demo", "--arch", "gpt9"])
+
+
+def test_demo_models_are_causal(tmp_path):
+    """No demo model may read an event at or after the position it predicts (XLNet must be made causal)."""
+    import merlin.io
+    from transformers4rec.torch.utils.data_utils import MerlinDataLoader
+
+    from merlin_longseq.data.synthetic import generate_events
+    from merlin_longseq.jobs import next_item
+    from merlin_longseq.t4r.causal import check_causal
+    from merlin_longseq.workflows.sequences import run_next_item_etl
+
+    cfg = next_item.NextItemJobConfig.quick()
+    cfg.data.num_users = 8
+    paths = run_next_item_etl(generate_events(cfg.data), str(tmp_path / "etl"), max_seq_len=cfg.max_seq_len)
+    schema = merlin.io.Dataset(paths["train"], engine="parquet").schema.select_by_name(["item_id_seq", "action_seq"])
+    loader = MerlinDataLoader.from_schema(schema, paths["train"], batch_size=8, max_sequence_length=cfg.max_seq_len,
+                                          shuffle=False)
+    batch = next(iter(loader))[0]
+    for arch in cfg.archs:
+        model = next_item.build_t4r_model(schema, arch, cfg)
+        model(batch, training=True)  # builds the lazy layers
+        assert check_causal(model, batch, position=30) == 0.0, arch

@@ -52,6 +52,7 @@ def build_t4r_model(schema, arch: str, cfg: NextItemJobConfig):
     from transformers4rec.torch.ranking_metric import NDCGAt, RecallAt
 
     from merlin_longseq.t4r import HSTUBlock
+    from merlin_longseq.t4r.causal import xlnet_causal_prepare
 
     input_module = tr.TabularSequenceFeatures.from_schema(
         schema, max_sequence_length=cfg.max_seq_len, aggregation=cfg.aggregation,
@@ -60,7 +61,9 @@ def build_t4r_model(schema, arch: str, cfg: NextItemJobConfig):
     transformer_config = tr.XLNetConfig.build(d_model=cfg.d_model, n_head=cfg.n_heads, n_layer=cfg.n_layers,
                                               total_seq_length=cfg.max_seq_len, dropout=0.1)
     if arch == "xlnet":
-        block = tr.TransformerBlock(transformer_config, masking=input_module.masking)
+        # made causal: T4R's default bidirectional XLNet reads each position's own target (t4r/causal.py)
+        block = tr.TransformerBlock(transformer_config, masking=input_module.masking,
+                                    prepare_module=xlnet_causal_prepare())
     elif arch == "hstu":
         block = HSTUBlock(transformer_config, masking=input_module.masking, dropout=0.0,
                           num_position_buckets=128)
