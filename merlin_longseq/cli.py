@@ -29,7 +29,14 @@ def _demo(args) -> int:
         cfg = ranking.RankingJobConfig.quick() if args.quick else ranking.RankingJobConfig()
         cfg.archs = ranking_archs
         print("== part 2: ranking over request-grouped impressions (RLB, length extrapolation) ==")
-        ranking.run(os.path.join(run_dir, "ranking"), cfg)
+        models = {}
+        ranking.run(os.path.join(run_dir, "ranking"), cfg, models_out=models)
+        if not args.no_serve:
+            from merlin_longseq.jobs import serve_demo
+
+            print("== part 3: export, serve (real Triton server on 127.0.0.1) and query the ranking models ==")
+            serve_demo.run(os.path.join(run_dir, "serving"), cfg, models,
+                           os.path.join(run_dir, "ranking", "etl", "workflow"))
     print(f"reports under {run_dir}/")
     return 0
 
@@ -43,6 +50,8 @@ def main(argv=None) -> int:
     demo.add_argument("--arch", action="append", choices=NEXT_ITEM_ARCHS + RANKING_ARCHS,
                       help="architecture(s) to train (repeatable; default all). "
                            "hstu/hstu-50/xlnet run the next-item part, stca/mean-pool/longer the ranking part")
+    demo.add_argument("--no-serve", action="store_true",
+                      help="skip part 3 (export the ranking models, serve them with Triton, query, time)")
     from merlin_longseq.serving.cli import add_serving_commands  # serve / query (light import)
 
     serving_commands = add_serving_commands(sub)

@@ -10,10 +10,10 @@ from test_t4r_stca import NUM_ITEMS, NUM_USERS, _epoch, requests_dataset  # noqa
 
 pytestmark = pytest.mark.merlin
 
+# the DEFAULT global tokens (target, cls, user, target_x_user, target_x_history) in every test: the learning
+# tests train a few dozen steps at Adam lr 1e-2, where the old initialisation of LONGER collapsed to a constant
+# prediction (loss ln 2; see "Scales and initialisation" in merlin_longseq/models/longer.py)
 CONFIG = dict(token_dim=8, merge_size=4, n_heads=2, n_layers=2, num_recent_queries=3, head_hidden=16)
-# the learning tests train for a few dozen steps: the target-history statistics token makes the signal of the
-# synthetic labels reachable that fast (without it LONGER stays at the base rate for far longer than STCA)
-LEARNS = dict(global_tokens=("target", "cls", "user", "target_x_history", "target_history_stats"))
 
 
 def build_model(dataset, tasks, **config):
@@ -69,7 +69,7 @@ def test_plain_loop_single_task_masks_padding_and_learns(requests_dataset):
 
     dataset, frame = requests_dataset
     loader = request_dataloader(dataset, batch_size=16, label_columns=["click"])
-    model, block = build_model(dataset, ["click"], **LEARNS)
+    model, block = build_model(dataset, ["click"])
     inputs, targets = next(iter(loader))
     real = inputs["cand_item_id"] != 0
     assert (~real).any() and (inputs["hist_item_id"][0] == 0).all()  # padding and an empty history are here
@@ -87,7 +87,7 @@ def test_plain_loop_single_task_masks_padding_and_learns(requests_dataset):
     for _ in range(3):
         _epoch(model, loader, optimizer)
     after = _epoch(model, loader)
-    assert after < before - 0.02, (before, after)
+    assert after < before - 0.09, (before, after)  # the old init: -0.00 (plain) / -0.04 (multitask)
 
     model.eval()
     with torch.no_grad():
@@ -103,7 +103,7 @@ def test_two_label_multitask_and_model_evaluate(requests_dataset):
 
     dataset, _ = requests_dataset
     loader = request_dataloader(dataset, batch_size=16, label_columns=["click", "like"], shuffle=True)
-    model, _ = build_model(dataset, ["click", "like"], merge_mode="mean", **LEARNS)
+    model, _ = build_model(dataset, ["click", "like"], merge_mode="mean")
     inputs, targets = next(iter(loader))
     out = model(inputs, targets=targets, training=True)
     real = inputs["cand_item_id"] != 0
@@ -117,7 +117,7 @@ def test_two_label_multitask_and_model_evaluate(requests_dataset):
     for _ in range(3):
         _epoch(model, loader, optimizer)
     after = _epoch(model, loader)
-    assert after < before - 0.02, (before, after)
+    assert after < before - 0.09, (before, after)  # the old init: -0.00 (plain) / -0.04 (multitask)
 
     assert set(model.input_schema.column_names) == {"hist_item_id", "hist_action", "hist_timestamp", "cand_item_id",
                                                     "request_time", "user_id"}  # labels are not inputs
@@ -135,7 +135,7 @@ def test_t4r_trainer_trains_and_evaluates(requests_dataset, tmp_path):
     dataset, _ = requests_dataset
     train = request_dataloader(dataset, batch_size=16, label_columns=["click", "like"], shuffle=True)
     evaluation = request_dataloader(dataset, batch_size=32, label_columns=["click", "like"])
-    model, _ = build_model(dataset, ["click", "like"], merge_mode="concat", **LEARNS)
+    model, _ = build_model(dataset, ["click", "like"], merge_mode="concat")
     args = tr.trainer.T4RecTrainingArguments(
         output_dir=str(tmp_path), max_steps=40, learning_rate=1e-2, per_device_train_batch_size=16,
         per_device_eval_batch_size=32, report_to=[], logging_steps=10, save_strategy="no", no_cuda=True,
@@ -146,7 +146,7 @@ def test_t4r_trainer_trains_and_evaluates(requests_dataset, tmp_path):
     start = trainer.evaluate()["eval_/loss"]
     trainer.train()
     end = trainer.evaluate()
-    assert end["eval_/loss"] < start - 0.02, (start, end["eval_/loss"])
+    assert end["eval_/loss"] < start - 0.09, (start, end["eval_/loss"])  # the old init: -0.05
     assert "eval_/like/request_binary_classification_task/binary_auroc" in end
 
 

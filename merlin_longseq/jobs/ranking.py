@@ -311,8 +311,14 @@ def score_metrics(predictions: dict, labels) -> dict:
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
-def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print) -> list[dict]:
-    """Runs the ranking stage; returns one result dict per (arch, eval length) (ranking_metrics.json has more)."""
+def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print, models_out: dict | None = None) -> list[dict]:
+    """Runs the ranking stage; returns one result dict per (arch, eval length) (ranking_metrics.json has more).
+
+    models_out: a dict that receives each trained Transformers4Rec model under its arch (in eval mode; the core
+    STCAModel / LONGERModel is the request block's `.model`), e.g. for serving them (jobs/serve_demo.py).
+    """
+    if models_out is not None and not isinstance(models_out, dict):
+        raise ValueError(f"models_out must be a dict (or None), got {type(models_out).__name__}")
     import torch
 
     cfg = cfg or RankingJobConfig()
@@ -322,12 +328,12 @@ def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print) -> list[di
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        return _run(run_dir, cfg, log)
+        return _run(run_dir, cfg, log, models_out)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(run_dir: str, cfg: RankingJobConfig, log) -> list[dict]:
+def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = None) -> list[dict]:
     import merlin.io
     import torch
 
@@ -365,6 +371,8 @@ def _run(run_dir: str, cfg: RankingJobConfig, log) -> list[dict]:
                    **score_metrics(predict(model, eval_batches, cfg, length), cfg.labels)}
             results.append(row)
         stats["eval_seconds"] = round(time.perf_counter() - started, 2)
+        if models_out is not None:
+            models_out[arch] = model.eval()
         log(f"      {arch}: loss {stats['train_loss_first']:.4f} -> {stats['train_loss_last']:.4f}, "
             f"{stats['train_seconds']} s, {stats['train_candidates_per_second']} candidates/s; "
             + ", ".join(f"AUC@{r['history_len']} {r['auc_' + cfg.labels[0]]:.4f}" for r in results

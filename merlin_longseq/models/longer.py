@@ -54,7 +54,21 @@ m (m + G) + k' m score entries in layer 1 instead of (m + k') (m + G). Layers 2.
 candidate (the recent tokens see the target through the global tokens).
 
 Head: the final global token states, the mean of the final recent states and the raw target item
-embedding, concatenated, then an MLP (one hidden layer of head_hidden units) with num_tasks outputs.
+embedding, concatenated and scaled by 1/sqrt(m + 2) (one factor per concatenated vector), then an MLP (one
+hidden layer of head_hidden units) with num_tasks outputs.
+
+Scales and initialisation. Every block is pre-LN and the stack ends in a LayerNorm, whose output ignores the
+scale of its input: on a residual stream of RMS ~0.1 (the old tables: items std 0.1, CLS 0.02) Adam's first
+steps (about lr per weight) changed every normalised activation by O(1). With random residual branches ~88%
+of the head input was also one vector shared by all candidates, so at lr 1e-2 the first steps moved every
+logit the same way (T4R test data: loss 0.69 -> 0.96 after one step), the head's GELU pre-activations
+drifted down (mean -3.2 after 20 steps) and the model stayed at a constant prediction. Hence: the item and
+user tables and CLS ~ N(0, 1) and a LayerNorm on the tokens entering the stack (merged and global tokens, as
+BERT normalises its embeddings); zero biases and residual branches (attention output, second FFN layer) at
+_RESIDUAL_INIT_SCALE of the default init, so each block starts near the identity and the head sees
+per-candidate tokens; the m + 2 unit-RMS head input vectors scaled by 1/sqrt(m + 2) (the first head layer's
+init scaled up to match: same function at init) so the per-step change of the head does not grow with the
+number of global tokens.
 
 Training options: mixed_precision (bf16 autocast on the input's device; attention softmax statistics stay
 float32, logits come back float32), recompute (torch.utils.checkpoint, use_reentrant=False, around the merge,
@@ -248,6 +262,25 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+# residual branches (attention output projection, second FFN layer) start at this fraction of the default init:
+# each block starts close to the identity (not exactly: a zero branch would hide bugs from the equivalence tests)
+_RESIDUAL_INIT_SCALE = 0.1
+
+
+def _zero_bias(module: nn.Module) -> None:
+    """Every Linear bias in `module` starts at zero: no offset shared by all tokens (module docstring)."""
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear) and linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+
+
+def _init_residual_block(block: nn.Module) -> None:
+    _zero_bias(block)
+    with torch.no_grad():
+        for linear in (block.out, block.ffn[2]):
+            linear.weight.mul_(_RESIDUAL_INIT_SCALE)
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, width: int, mult: int, dropout: float):
         super().__init__(nn.Linear(width, mult * width), nn.GELU(), nn.Linear(mult * width, width),
@@ -267,6 +300,7 @@ class SelfAttentionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.ffn = FeedForward(width, ffn_mult, dropout)
         self.dropout = nn.Dropout(dropout)
+        _init_residual_block(self)
 
     def forward(self, x, mask=None, causal=False):
         if x.shape[0] == 0 or x.shape[1] == 0:
@@ -301,7 +335,7 @@ class HistoryTokenizer(nn.Module):
         self.action = nn.Embedding(cfg.num_actions + 1, d, padding_idx=0)
         self.time_bucket = nn.Embedding(cfg.num_time_buckets, d)
         self.rank_bucket = nn.Embedding(cfg.num_rank_buckets, d)
-        nn.init.normal_(self.item.weight, std=0.1)
+        nn.init.normal_(self.item.weight, std=1.0)  # unit scale: see "Scales and initialisation"
         with torch.no_grad():
             self.item.weight[0].zero_()
         # context tables start at zero: a bucket that training never reached (a longer history than any
@@ -353,6 +387,7 @@ class TokenMerge(nn.Module):
             )
         width = cfg.merge_input_width
         self.proj = nn.Linear(width, cfg.d_model) if width != cfg.d_model else nn.Identity()
+        _zero_bias(self.proj)
 
     def forward(self, groups, slot_valid):
         if groups.shape[0] == 0:
@@ -421,6 +456,7 @@ class HybridCrossLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d)
         self.ffn = FeedForward(d, cfg.ffn_mult, cfg.dropout)
         self.dropout = nn.Dropout(cfg.dropout)
+        _init_residual_block(self)
 
     def encode_memory(self, merged, merged_valid, recent_pos, recent_valid):
         """merged [R, P, d], recent_pos [R, Q] (index into P) -> the request-side pieces of the layer."""
@@ -492,11 +528,15 @@ class LONGERModel(nn.Module):
         self.merge = TokenMerge(cfg)
         kinds = cfg.global_tokens
         self.target_proj = nn.Linear(cfg.token_dim, d) if any(k in _TARGET_KINDS for k in kinds) else None
-        self.cls = nn.Parameter(0.02 * torch.randn(d)) if "cls" in kinds else None
-        self.user_embedding = nn.Embedding(cfg.num_users + 1, d) if cfg.uses_users else None
-        if self.user_embedding is not None:
-            nn.init.normal_(self.user_embedding.weight, std=0.1)
+        self.cls = nn.Parameter(torch.randn(d)) if "cls" in kinds else None  # N(0, 1), like the tables
+        self.user_embedding = nn.Embedding(cfg.num_users + 1, d) if cfg.uses_users else None  # N(0, 1)
         self.cross = nn.ModuleDict({kind: nn.Linear(d, d) for kind in kinds if kind in _CROSS_KINDS})
+        for linear in (self.target_proj, self.cross):
+            if linear is not None:
+                _zero_bias(linear)
+        # the tokens entering the stack are normalised: the residual stream starts at RMS 1
+        self.merged_norm = nn.LayerNorm(d)
+        self.global_norm = nn.LayerNorm(d)
         if "target_history_stats" in kinds:
             self.target_count = nn.Embedding(cfg.num_rank_buckets, d)  # log2-bucketed occurrences
             self.target_recency = nn.Embedding(cfg.num_rank_buckets + 1, d)  # last occurrence's rank; last row: never
@@ -506,8 +546,12 @@ class LONGERModel(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d)
         head_in = cfg.num_global_tokens * d + d + cfg.token_dim
+        # m + 2 concatenated unit-RMS vectors, scaled by 1/sqrt(m + 2); the init compensates (module docstring)
+        self.head_input_scale = (cfg.num_global_tokens + 2) ** -0.5
         # head[:2] is the hidden layer (what a headless model returns), head[2] the task logits
         self.head = nn.Sequential(nn.Linear(head_in, cfg.head_hidden), nn.GELU())
+        with torch.no_grad():
+            self.head[0].weight.div_(self.head_input_scale)
         if cfg.num_tasks:
             self.head.append(nn.Linear(cfg.head_hidden, cfg.num_tasks))
         self.hidden_dim = cfg.head_hidden
@@ -616,7 +660,7 @@ class LONGERModel(nn.Module):
                                                                              hist_timestamps))
         tokens = self.tokenizer(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time)  # [N, d]
         groups, slot_valid, group_offsets = group_history(tokens, hist_offsets, cfg.merge_size)
-        merged = self._maybe_checkpoint(self.merge, groups, slot_valid)  # [G, d_model]
+        merged = self.merged_norm(self._maybe_checkpoint(self.merge, groups, slot_valid))  # [G, d_model]
         num_groups = lengths_from_offsets(group_offsets)
         merged = jagged_to_padded(merged, group_offsets)  # [R, P, d_model]
         merged_valid = padding_mask(num_groups, merged.shape[1])
@@ -661,7 +705,7 @@ class LONGERModel(nn.Module):
         if not tokens:
             return target_emb, target_emb.new_zeros(cand_item_ids.shape[0], 0, self.cfg.d_model)
         dtype = functools.reduce(torch.promote_types, [t.dtype for t in tokens])
-        return target_emb, torch.stack([t.to(dtype) for t in tokens], dim=1)
+        return target_emb, self.global_norm(torch.stack([t.to(dtype) for t in tokens], dim=1))
 
     def _target_history_stats(self, cand_item_ids, features: RequestFeatures):
         """Occurrences of each candidate in its request's history and the rank of the latest one -> [C, d]."""
@@ -697,6 +741,7 @@ class LONGERModel(nn.Module):
         weight = recent_valid.unsqueeze(-1).to(x.dtype)
         recent_mean = (x[:, m:] * weight).sum(1) / weight.sum(1).clamp(min=1)  # [C, d]
         features = torch.cat([x[:, :m].flatten(1), recent_mean, target_emb.to(x.dtype)], dim=-1)
+        features = features * self.head_input_scale
         return self.head[:2](features) if hidden else self.head(features)
 
 
