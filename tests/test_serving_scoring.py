@@ -82,3 +82,16 @@ def test_history_longer_than_max_is_refused():
     scorer = make_scorer(MODELS["longer"]().eval(), max_history=10)
     with pytest.raises(RequestError, match="more than the maximum 10"):
         scorer.score(batch_of([7, 11], [1, 1], [1, 2]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_cached_scoring_on_cuda(arch):
+    # the cache path scores request by request: offsets made for the slice must stay on the batch's device
+    torch.manual_seed(0)
+    model = MODELS[arch]()
+    batch = batch_of([3, 2], [2, 4], [1, 2])
+    expected = make_scorer(model, max_history=8).score(batch)
+    cached = make_scorer(model, max_history=8, device="cuda", cache=UserStateCache(4))
+    for _ in range(2):  # a miss, then a hit
+        torch.testing.assert_close(cached.score(batch), expected, rtol=1e-4, atol=1e-4)

@@ -75,11 +75,13 @@ class RequestBatch:
         h0, h1 = int(self.hist_offsets[r]), int(self.hist_offsets[r + 1])
         c0, c1 = int(self.cand_offsets[r]), int(self.cand_offsets[r + 1])
 
+        device = self.hist_offsets.device  # new offsets live with the rest (a CUDA batch stays on CUDA)
+
         def cut(t, a, b):
             return None if t is None else t[a:b]
         return RequestBatch(
-            hist_item_ids=self.hist_item_ids[h0:h1], hist_offsets=torch.tensor([0, h1 - h0]),
-            cand_item_ids=self.cand_item_ids[c0:c1], cand_offsets=torch.tensor([0, c1 - c0]),
+            hist_item_ids=self.hist_item_ids[h0:h1], hist_offsets=torch.tensor([0, h1 - h0], device=device),
+            cand_item_ids=self.cand_item_ids[c0:c1], cand_offsets=torch.tensor([0, c1 - c0], device=device),
             hist_actions=cut(self.hist_actions, h0, h1), hist_timestamps=cut(self.hist_timestamps, h0, h1),
             request_time=cut(self.request_time, r, r + 1), user_ids=cut(self.user_ids, r, r + 1))
 
