@@ -115,6 +115,24 @@ def log2_buckets(values: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return torch.where(values > 0, bit_length, 0).clamp(max=num_buckets - 1)
 
 
+def traceable_target_attention(q, k, v, q_offsets, kv_offsets) -> torch.Tensor:
+    """target_attention's semantics (softmax over the own request's history, zeros for an empty history)
+    with no Python-int sizes, so a torch.jit.trace of it stays valid for any lengths: every target scores
+    every event of the batch ([T, H, N], masked to its own request). One request per call costs the same as
+    the padded reference; for many requests per call it is R times larger."""
+    target_request = torch.repeat_interleave(torch.arange(q_offsets.numel() - 1, device=q.device),
+                                             lengths_from_offsets(q_offsets))  # [T]
+    event_request = torch.repeat_interleave(torch.arange(kv_offsets.numel() - 1, device=q.device),
+                                            lengths_from_offsets(kv_offsets))  # [N]
+    own = (target_request[:, None] == event_request[None, :])[:, None, :]  # [T, 1, N]
+    scores = torch.einsum("thd,nhd->thn", q, k) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~own, float("-inf"))
+    has_history = own.any(dim=-1, keepdim=True)  # [T, 1, 1]
+    # an all-masked row would give NaN: finite constant scores, then zero weights (as the reference)
+    weights = torch.softmax(scores.masked_fill(~has_history, 0.0), dim=-1) * has_history.to(scores.dtype)
+    return torch.einsum("thn,nhd->thd", weights, v)
+
+
 class SwiGLU(nn.Module):
     """down(SiLU(gate x) * up x), no biases (biases put one shared direction into every output);
     with residual=True it returns x + SwiGLU(x) and starts as the identity (down initialised to zero)."""
@@ -185,8 +203,12 @@ class STCALayer(nn.Module):
         """query [total_candidates, d] -> o(i) [total_candidates, d]."""
         cfg = self.cfg
         q = self.q_proj(query).reshape(-1, cfg.n_heads, cfg.head_dim)
-        attended = target_attention(q, keys, values, cand_offsets, history_offsets,
-                                    max_history_len=max_history_len, backend=cfg.backend, check_inputs=False)
+        if torch.jit.is_tracing():
+            # the reference op pads to Python-int lengths, which torch.jit.trace would freeze into the graph
+            attended = traceable_target_attention(q, keys, values, cand_offsets, history_offsets)
+        else:
+            attended = target_attention(q, keys, values, cand_offsets, history_offsets,
+                                        max_history_len=max_history_len, backend=cfg.backend, check_inputs=False)
         return self.out_proj(attended.reshape(-1, cfg.n_heads * cfg.head_dim))
 
 
