@@ -26,13 +26,21 @@ def write_report(run_dir: str, title: str, rows: list[dict], columns: list[str],
     return report_path
 
 
-def _bar_plot(path, title, rows, metrics) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib (the `plot` extra) is missing."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _bar_plot(path, title, rows, metrics) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(metrics)

@@ -18,9 +18,16 @@ HAS_MERLIN = _has("transformers4rec") and _has("nvtabular")
 HAS_TRITON = _has("triton")
 HAS_CUDA = torch.cuda.is_available()
 
+
 # Tests use small tensors: on a 2-core CI machine extra intra-op threads only add contention
-# (measured here: a tiny forward+backward went from 2.5 s with 2 threads to 0.05 s with 1).
-torch.set_num_threads(1)
+# (measured here: a tiny forward+backward went from 2.5 s with 2 threads to 0.05 s with 1). Set per test, so a
+# test that changes the thread count (a job, a training entry point) cannot leak it into the next one.
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def pytest_collection_modifyitems(config, items):

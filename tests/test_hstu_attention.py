@@ -17,15 +17,6 @@ MAX_SEQ_LEN = 12
 ALPHA = 0.6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny shapes: intra-op thread hand-offs cost far more than they save, worst on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @dataclass
 class AttentionCase:
     q: torch.Tensor

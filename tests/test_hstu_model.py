@@ -22,15 +22,6 @@ EXACT = dict(rtol=0.0, atol=1e-12)  # float64, untouched rows: only summation no
 CLOSE = dict(rtol=1e-9, atol=1e-10)  # float64, the same computation laid out differently
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny shapes: intra-op thread hand-offs cost far more than they save, worst on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_config(**overrides) -> HSTUConfig:
     values = dict(d_model=D_MODEL, n_heads=2, n_layers=2, max_seq_len=24, dropout=0.0, num_position_buckets=8,
                   num_time_buckets=6, backend="pytorch")

@@ -17,15 +17,6 @@ from merlin_longseq.jagged import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # tiny shapes: intra-op thread hand-offs cost far more than they save, worst on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_lengths(batch: int, max_len: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(0, max_len + 1, (batch,), generator=generator)

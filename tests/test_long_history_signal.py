@@ -10,14 +10,6 @@ from merlin_longseq.training import UserSequences, evaluate_last_item, train_nex
 MAX_LEN = 400
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: threads only add contention on a 2-core machine
-    yield
-    torch.set_num_threads(previous)
-
-
 def _train(seqs, window, items):
     torch.manual_seed(0)
     cfg = HSTUConfig(d_model=32, n_heads=1, n_layers=1, max_seq_len=MAX_LEN, dropout=0.0, local_window=window,

@@ -24,15 +24,6 @@ from merlin_longseq.models.longer import (
 NUM_ITEMS, NUM_USERS = 60, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these shapes are tiny: intra-op threads only add overhead (and stall badly on a busy machine)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small_config(**overrides):
     base = dict(num_items=NUM_ITEMS, num_users=NUM_USERS, num_tasks=2, token_dim=4, merge_size=3, n_heads=2,
                 n_layers=3, num_recent_queries=2, head_hidden=8, inner_layers=2, inner_heads=2)

@@ -223,12 +223,10 @@ def markdown_table(summary: list[dict], metrics: list[str]) -> str:
 
 
 def plot_summary(path: str, summary: list[dict], metrics: list[str], title: str) -> bool:
-    try:
-        import matplotlib
+    from merlin_longseq.reporting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(summary)

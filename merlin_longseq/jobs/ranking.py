@@ -418,12 +418,10 @@ def write_ranking_report(run_dir: str, results: list[dict], cfg: RankingJobConfi
 
 
 def plot_auc_vs_length(path: str, results: list[dict], cfg: RankingJobConfig) -> bool:
-    try:
-        import matplotlib
+    from merlin_longseq.reporting import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(cfg.labels), figsize=(4.5 * len(cfg.labels), 3.5), squeeze=False)
     for ax, label in zip(axes[0], cfg.labels):

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
-from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, validate_offsets
+from merlin_longseq.jagged import lengths_from_offsets
+from merlin_longseq.models.request_checks import check_candidates, check_history
 
 
 @dataclass
@@ -83,7 +84,7 @@ class MeanPoolModel(nn.Module):
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                     user_ids=None) -> MeanPoolUserState:
         """Mean history token per request (timestamps are accepted for interface parity and not used)."""
-        self._check_history(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        check_history(self.cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and self.cfg.length_sampler is not None:
             kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
                 lengths_from_offsets(hist_offsets)))
@@ -100,7 +101,7 @@ class MeanPoolModel(nn.Module):
 
     def candidate_hidden(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim]."""
-        self._check_candidates(cand_item_ids, cand_offsets, state.num_requests)
+        check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
         request_of = torch.repeat_interleave(torch.arange(state.num_requests, device=cand_offsets.device),
                                              lengths_from_offsets(cand_offsets))
         target = self.item_embedding(cand_item_ids)
@@ -120,46 +121,3 @@ class MeanPoolModel(nn.Module):
         """Logits [total_candidates, num_tasks], candidates in request order."""
         state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         return self.score_candidates(state, cand_item_ids, cand_offsets)
-
-    # ---- checks ----------------------------------------------------------------------------------------
-    def _check_history(self, item_ids, actions, timestamps, offsets, request_time, user_ids):
-        cfg = self.cfg
-        for name, t in (("hist_item_ids", item_ids), ("hist_actions", actions), ("hist_timestamps", timestamps)):
-            if t.dim() != 1 or t.dtype.is_floating_point:
-                raise JaggedInputError(f"{name} must be a 1-D integer tensor [total_history], got "
-                                       f"{t.dtype} of shape {tuple(t.shape)}")
-            if t.shape != item_ids.shape:
-                raise JaggedInputError(f"{name} has {t.shape[0]} events but hist_item_ids has {item_ids.shape[0]}")
-        try:
-            validate_offsets(offsets, total=item_ids.shape[0])
-        except JaggedInputError as err:
-            raise JaggedInputError(f"hist_offsets: {err}") from None
-        requests = offsets.numel() - 1
-        if request_time.shape != (requests,):
-            raise JaggedInputError(f"request_time must be [R] = [{requests}], got shape {tuple(request_time.shape)}")
-        _check_id_range("hist_item_ids", item_ids, cfg.num_items)
-        _check_id_range("hist_actions", actions, cfg.num_actions)
-        if cfg.num_users:
-            if user_ids is None or user_ids.shape != (requests,) or user_ids.dtype.is_floating_point:
-                got = None if user_ids is None else f"{user_ids.dtype} of shape {tuple(user_ids.shape)}"
-                raise JaggedInputError(f"num_users={cfg.num_users} needs integer user_ids [R] = [{requests}], "
-                                       f"got {got}")
-            _check_id_range("user_ids", user_ids, cfg.num_users)
-
-    def _check_candidates(self, cand_item_ids, cand_offsets, requests):
-        if cand_item_ids.dim() != 1 or cand_item_ids.dtype.is_floating_point:
-            raise JaggedInputError(f"cand_item_ids must be a 1-D integer tensor [total_candidates], got "
-                                   f"{cand_item_ids.dtype} of shape {tuple(cand_item_ids.shape)}")
-        try:
-            validate_offsets(cand_offsets, total=cand_item_ids.shape[0])
-        except JaggedInputError as err:
-            raise JaggedInputError(f"cand_offsets: {err}") from None
-        if cand_offsets.numel() - 1 != requests:
-            raise JaggedInputError(f"cand_offsets describe {cand_offsets.numel() - 1} requests but the history "
-                                   f"has {requests}")
-        _check_id_range("cand_item_ids", cand_item_ids, self.cfg.num_items)
-
-
-def _check_id_range(name, ids, largest):
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > largest):
-        raise JaggedInputError(f"{name} must lie in [0, {largest}], got values in [{int(ids.min())}, {int(ids.max())}]")

@@ -44,8 +44,9 @@ from torch import nn
 
 from merlin_longseq.backend import Backend
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
-from merlin_longseq.jagged import JaggedInputError, jagged_positions, lengths_from_offsets, offsets_from_lengths, \
+from merlin_longseq.jagged import jagged_positions, lengths_from_offsets, offsets_from_lengths, \
     validate_offsets
+from merlin_longseq.models.request_checks import check_candidates, check_history
 from merlin_longseq.ops.target_attention import target_attention
 
 
@@ -237,7 +238,7 @@ class STCAModel(nn.Module):
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                     user_ids=None) -> STCAUserState:
         """Per-layer K/V of every request's history (and its user token): cache this to serve."""
-        self._check_history(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        check_history(self.cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and self.cfg.length_sampler is not None:
             kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
                 lengths_from_offsets(hist_offsets)))
@@ -252,7 +253,7 @@ class STCAModel(nn.Module):
     # ---- candidate side --------------------------------------------------------------------------------
     def candidate_hidden(self, state: STCAUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim] (the input of the task heads)."""
-        self._check_candidates(cand_item_ids, cand_offsets, state.num_requests)
+        check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
         lengths = lengths_from_offsets(state.history_offsets)
         max_history_len = int(lengths.max()) if lengths.numel() else 0
         target = self.item_embedding(cand_item_ids)  # x_t [T, d]
@@ -292,51 +293,6 @@ class STCAModel(nn.Module):
         """
         return self.forward(**per_target_layout(hist_item_ids, hist_actions, hist_timestamps, hist_offsets,
                                                 request_time, cand_item_ids, cand_offsets, user_ids))
-
-    # ---- checks ----------------------------------------------------------------------------------------
-    def _check_history(self, item_ids, actions, timestamps, offsets, request_time, user_ids):
-        cfg = self.cfg
-        for name, t in (("hist_item_ids", item_ids), ("hist_actions", actions), ("hist_timestamps", timestamps)):
-            if t.dim() != 1 or t.dtype.is_floating_point:
-                raise JaggedInputError(f"{name} must be a 1-D integer tensor [total_history], got "
-                                       f"{t.dtype} of shape {tuple(t.shape)}")
-            if t.shape != item_ids.shape:
-                raise JaggedInputError(f"{name} has {t.shape[0]} events but hist_item_ids has {item_ids.shape[0]}")
-        try:
-            validate_offsets(offsets, total=item_ids.shape[0])
-        except JaggedInputError as err:
-            raise JaggedInputError(f"hist_offsets: {err}") from None
-        requests = offsets.numel() - 1
-        if request_time.shape != (requests,) or request_time.dtype.is_floating_point:
-            raise JaggedInputError(f"request_time must be an integer tensor [R] = [{requests}], got "
-                                   f"{request_time.dtype} of shape {tuple(request_time.shape)}")
-        _check_id_range("hist_item_ids", item_ids, cfg.num_items)
-        _check_id_range("hist_actions", actions, cfg.num_actions)
-        if cfg.num_users:
-            if user_ids is None or user_ids.shape != (requests,) or user_ids.dtype.is_floating_point:
-                got = None if user_ids is None else f"{user_ids.dtype} of shape {tuple(user_ids.shape)}"
-                raise JaggedInputError(f"num_users={cfg.num_users} needs integer user_ids [R] = [{requests}], "
-                                       f"got {got}")
-            _check_id_range("user_ids", user_ids, cfg.num_users)
-
-    def _check_candidates(self, cand_item_ids, cand_offsets, requests):
-        if cand_item_ids.dim() != 1 or cand_item_ids.dtype.is_floating_point:
-            raise JaggedInputError(f"cand_item_ids must be a 1-D integer tensor [total_candidates], got "
-                                   f"{cand_item_ids.dtype} of shape {tuple(cand_item_ids.shape)}")
-        try:
-            validate_offsets(cand_offsets, total=cand_item_ids.shape[0])
-        except JaggedInputError as err:
-            raise JaggedInputError(f"cand_offsets: {err}") from None
-        if cand_offsets.numel() - 1 != requests:
-            raise JaggedInputError(f"cand_offsets describe {cand_offsets.numel() - 1} requests but the history "
-                                   f"has {requests}")
-        _check_id_range("cand_item_ids", cand_item_ids, self.cfg.num_items)
-
-
-def _check_id_range(name, ids, largest):
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > largest):
-        raise JaggedInputError(f"{name} must lie in [0, {largest}], got values in "
-                               f"[{int(ids.min())}, {int(ids.max())}]")
 
 
 def per_target_layout(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,

@@ -56,17 +56,6 @@ class LONGERBlock(RequestBlock):
         config_fields.setdefault("num_tasks", 0)
         return cls(LONGERConfig(**config_fields), columns, schema=schema)
 
-    @property
-    def hidden_dim(self) -> int:
-        return self.model.hidden_dim
-
-    def forward(self, inputs, training=False, testing=False, **kwargs):
-        request = self.request_inputs(inputs)
-        cache = self.model.encode_user(**request.history)  # the user side, once per request
-        hidden = self.model.candidate_hidden(cache, request.cand_item_ids, request.cand_offsets)  # [C, hidden]
-        self._record_mask(request)
-        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)  # [B, C, hidden]
-
     # ---- serving halves: encode a batch of requests once, score candidates against it as often as needed
 
     def encode_user(self, inputs) -> UserCache:

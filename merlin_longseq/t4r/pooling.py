@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from merlin_longseq.jagged import jagged_to_padded
 from merlin_longseq.models.pooling import MeanPoolConfig, MeanPoolModel
 from merlin_longseq.t4r.request import RequestBlock, RequestColumns, columns_and_sizes
 
@@ -37,17 +36,6 @@ class MeanPoolBlock(RequestBlock):
         """Sizes from the schema's int domains; config_fields: any MeanPoolConfig field (d_model, mlp_dims, ...)."""
         schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
         return cls(MeanPoolConfig(**sizes, **config_fields), columns, schema=schema)
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.model.hidden_dim
-
-    def forward(self, inputs, training=False, testing=False, **kwargs):
-        request = self.request_inputs(inputs)
-        state = self.model.encode_user(**request.history)
-        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)
-        self._record_mask(request)
-        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)
 
 
 __all__ = ["MeanPoolBlock"]

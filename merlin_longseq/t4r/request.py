@@ -41,7 +41,7 @@ from transformers4rec.torch.model.prediction_task import BinaryClassificationTas
 from transformers4rec.torch.utils.data_utils import MerlinDataLoader
 from transformers4rec.torch.utils.padding import pad_batch
 
-from merlin_longseq.jagged import lengths_from_padding, padded_to_jagged, padding_mask
+from merlin_longseq.jagged import jagged_to_padded, lengths_from_padding, padded_to_jagged, padding_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,16 +127,24 @@ class RequestInputs(NamedTuple):
 class RequestBlock(BlockBase):
     """Base of the request blocks: request dict in, per-candidate vectors [B, C, hidden_dim] out.
 
-    Subclasses set `columns` (RequestColumns) and `schema`, and implement `hidden_dim` and `forward`; after every
-    forward `candidate_mask` [B, C] (bool, True on real candidates) describes the output, which is what
-    RequestBinaryClassificationTask reads.
+    Subclasses set `columns` (RequestColumns), `schema` and `model`: a headless core model with
+    encode_user(**history) -> user state and candidate_hidden(state, cand_item_ids, cand_offsets) -> [C, hidden]
+    (STCA, LONGER, mean pooling). After every forward `candidate_mask` [B, C] (bool, True on real candidates)
+    describes the output, which is what RequestBinaryClassificationTask reads.
     """
 
     candidate_mask: torch.Tensor | None = None
 
     @property
     def hidden_dim(self) -> int:
-        raise NotImplementedError
+        return self.model.hidden_dim
+
+    def forward(self, inputs, training=False, testing=False, **kwargs):
+        request = self.request_inputs(inputs)
+        state = self.model.encode_user(**request.history)  # the user side, once per request (RLB)
+        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)  # [C, hidden]
+        self._record_mask(request)
+        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)  # [B, C, hidden]
 
     @property
     def inputs(self):

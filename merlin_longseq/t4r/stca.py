@@ -15,17 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from merlin_longseq.jagged import jagged_to_padded
 from merlin_longseq.models.stca import STCAConfig, STCAModel
 from merlin_longseq.t4r.request import (  # noqa: F401  (re-exported: these names lived here first)
     RequestBatchPadding,
     RequestBinaryClassificationTask,
     RequestBlock,
     RequestColumns,
-    _core_schema,
-    _domain_max,
-    _find_request_block,
-    _identity,
     columns_and_sizes,
     request_dataloader,
 )
@@ -59,17 +54,6 @@ class STCABlock(RequestBlock):
         """
         schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
         return cls(STCAConfig(**sizes, **config_fields), columns, schema=schema)
-
-    @property
-    def hidden_dim(self) -> int:
-        return self.model.hidden_dim
-
-    def forward(self, inputs, training=False, testing=False, **kwargs):
-        request = self.request_inputs(inputs)
-        state = self.model.encode_user(**request.history)
-        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)  # [C, hidden]
-        self._record_mask(request)
-        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)  # [B, C, hidden]
 
 
 __all__ = ["RequestBatchPadding", "RequestBinaryClassificationTask", "RequestColumns", "STCABlock",
