@@ -25,6 +25,8 @@ test-fast: $(STAMP)
 
 bench:
 	python3 benchmarks/bench_kernels.py
+	python3 benchmarks/bench_stca_layer.py
+	python3 benchmarks/bench_group_attention.py
 
 clean-venv:
 	rm -rf $(VENV)

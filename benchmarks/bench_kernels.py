@@ -305,6 +305,114 @@ def bench_target_attention(results, quick):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def bench_semi_local(results, quick):
+    """Semi-local vs full causal HSTU at L = 8192 (K1 = 512, K2 = 128): wall time (do_bench, includes the Python
+    launch path) and GPU time (sum of CUDA kernel times from torch.profiler), B = 4 and 16."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from triton.testing import do_bench
+
+    import merlin_longseq.kernels.triton_hstu_attention as tk
+
+    def gpu_ms(fn, reps=10):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        return sum(e.device_time_total for e in prof.key_averages()) / reps / 1e3
+
+    rows = results.setdefault("semi_local", [])
+    for batch in ((4,) if quick else (4, 16)):
+        length = 8192
+        q, k, v = (torch.randn(batch * length, HEADS, DIM, device="cuda", dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        offsets = torch.arange(batch + 1, device="cuda") * length
+        grad = torch.randn_like(q)
+        timing = {}
+        for name, options in (("causal", {}), ("semi-local", dict(local_window=512, global_prefix=128))):
+            def fwd(options=options):
+                return tk.triton_hstu_attention(q, k, v, offsets, length, 1.0 / DIM, **options)
+
+            def fwd_bwd(fwd=fwd):
+                torch.autograd.grad(fwd(), (q, k, v), grad)
+
+            with torch.no_grad():
+                wall_f = do_bench(fwd, warmup=10, rep=50, return_mode="median")
+                gpu_f = gpu_ms(fwd)
+            timing[name] = (wall_f, do_bench(fwd_bwd, warmup=10, rep=50, return_mode="median"), gpu_f,
+                            gpu_ms(fwd_bwd))
+        c, s_ = timing["causal"], timing["semi-local"]
+        row = dict(B=batch, L=length, causal=c, semi_local=s_, wall_speedup=(c[0] / s_[0], c[1] / s_[1]),
+                   gpu_speedup=(c[2] / s_[2], c[3] / s_[3]))
+        rows.append(row)
+        print(f"semi-local B{batch} L{length}: GPU fwd {s_[2]:.3f} ms (causal {c[2]:.3f}), f+b {s_[3]:.3f} "
+              f"(causal {c[3]:.3f}) -> {row['gpu_speedup'][0]:.2f}x / {row['gpu_speedup'][1]:.2f}x; wall "
+              f"{row['wall_speedup'][0]:.2f}x / {row['wall_speedup'][1]:.2f}x", flush=True)
+
+
+def bench_memory(results, quick):
+    """Peak memory of every kernel's forward+backward (inference only for the history projection, whose
+    training path is PyTorch) above its inputs, as the token count doubles: linear = constant bytes per token."""
+    import torch
+
+    from merlin_longseq.kernels.triton_group_attention import triton_group_attention
+    from merlin_longseq.kernels.triton_history_projection import triton_history_projection
+    from merlin_longseq.kernels.triton_hstu_attention import triton_hstu_attention
+    from merlin_longseq.kernels.triton_target_attention import triton_target_attention
+
+    dt, dev = torch.bfloat16, "cuda"
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=dev, dtype=dt).requires_grad_(True)
+
+    def hstu(n):  # one causal sequence of n tokens
+        q, k, v = leaf(n, HEADS, DIM), leaf(n, HEADS, DIM), leaf(n, HEADS, DIM)
+        off = torch.tensor([0, n], device=dev)
+        return lambda: triton_hstu_attention(q, k, v, off, n, 1.0 / DIM).float().sum().backward()
+
+    def target(n):  # 8 requests x 128 targets, n history tokens in all
+        q, k, v = leaf(8 * 128, HEADS, DIM), leaf(n, HEADS, DIM), leaf(n, HEADS, DIM)
+        q_off = torch.arange(9, device=dev) * 128
+        kv_off = torch.arange(9, device=dev) * (n // 8)
+        return lambda: triton_target_attention(q, k, v, q_off, kv_off).float().sum().backward()
+
+    def group(n):  # n tokens in groups of 4, width 32, one head (LONGER's InnerTransformer)
+        q, k, v = (leaf(n // 4, 4, 1, 32) for _ in range(3))
+        valid = torch.ones(n // 4, 4, dtype=torch.bool, device=dev)
+        return lambda: triton_group_attention(q, k, v, valid).float().sum().backward()
+
+    def projection(n):  # STCA history projection, d = 64, h = 128, H x Dh = 2 x 32, no grad (serving)
+        x = torch.randn(n, 64, device=dev, dtype=dt)
+        w = [torch.randn(*s, device=dev, dtype=dt) * 0.1 for s in ((256, 64), (64, 128), (64,), (64,), (128, 64))]
+
+        def run():
+            with torch.no_grad():
+                triton_history_projection(x, *w, residual=True, eps=1e-5, num_heads=2)
+        return run
+
+    sizes = [1 << 14, 1 << 16, 1 << 18] if quick else [1 << 14, 1 << 16, 1 << 18, 1 << 20]
+    rows = []
+    for name, make in (("hstu_attention", hstu), ("target_attention", target), ("group_attention", group),
+                       ("history_projection", projection)):
+        for n in sizes:
+            torch.cuda.empty_cache()
+            fn = make(n)
+            fn()  # compile / autotune outside the measurement
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            extra = torch.cuda.max_memory_allocated() - base
+            rows.append(dict(kernel=name, tokens=n, peak_extra_bytes=extra, bytes_per_token=extra / n))
+            print(f"memory {name:<20} tokens {n:>8}: peak above inputs {extra / 2**20:9.1f} MiB = "
+                  f"{extra / n:8.1f} B/token", flush=True)
+            del fn
+    results["memory"] = rows
+
+
 def ceilings(results):
     import torch
     from triton.testing import do_bench
@@ -345,7 +453,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON and the plot")
     parser.add_argument("--quick", action="store_true", help="fewer cases and sweep points")
-    parser.add_argument("--only", choices=["hstu", "target"], help="run one kernel's benchmarks")
+    parser.add_argument("--only", choices=["hstu", "target", "semi", "memory"], help="run one part of the benchmark")
     parser.add_argument("--plot-from", help="redraw the plot from this JSON and exit")
     args = parser.parse_args()
     if args.plot_from:
@@ -363,7 +471,8 @@ def main():
     ceilings(results)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_kernels.json")
-    for name, fn in (("target", bench_target_attention), ("hstu", bench_hstu)):
+    for name, fn in (("target", bench_target_attention), ("hstu", bench_hstu), ("semi", bench_semi_local),
+                     ("memory", bench_memory)):
         if args.only in (None, name):
             fn(results, args.quick)
             with open(path, "w") as f:  # after each part: a later crash keeps what was measured

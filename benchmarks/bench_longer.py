@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--n-heads", type=int, default=4)
     p.add_argument("--recent-queries", type=int, default=100, help="k")
     p.add_argument("--ffn-mult", type=int, default=4)
+    p.add_argument("--backend", choices=["auto", "triton", "pytorch"], default="auto",
+                   help="LONGER's backend in the sweep and the fast-path run")
+    p.add_argument("--no-backend-compare", action="store_true",
+                   help="skip the Triton-vs-PyTorch backend run at --ref-length")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
@@ -91,7 +95,7 @@ def make_config(args, **overrides) -> LONGERConfig:
     values = dict(num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, num_users=NUM_USERS, token_dim=args.token_dim,
                   merge_size=args.merge_size, merge_mode=args.merge_mode, n_heads=args.n_heads,
                   n_layers=args.n_layers, num_recent_queries=args.recent_queries, ffn_mult=args.ffn_mult,
-                  mixed_precision=args.dtype == "bfloat16")
+                  mixed_precision=args.dtype == "bfloat16", backend=args.backend)
     values.update(overrides)
     return LONGERConfig(**values)
 
@@ -256,6 +260,41 @@ def run_reference(args):
     return out
 
 
+def run_backend_compare(args):
+    """The same LONGER (same weights) with backend="pytorch" and backend="triton" at --ref-length: forward and
+    forward+backward per sample, peak memory, and how far apart the logits are."""
+    if not args.ref_length or args.no_backend_compare or args.device != "cuda":
+        return None
+    length, candidates = args.ref_length, args.ref_candidates
+    batch = make_requests(args.requests, length, candidates, "cuda", seed=1)
+    samples = args.requests * candidates
+    out = dict(history_len=length, requests=args.requests, candidates_per_request=candidates)
+    models = {}
+    for backend in ("pytorch", "triton"):
+        torch.manual_seed(0)
+        models[backend] = LONGERModel(make_config(args, backend=backend)).cuda()
+        result, error = guarded(lambda: measure(models[backend], lambda m: m(**batch), "cuda", args,
+                                                backward=not args.no_backward))
+        fwd, both, peak = result if result else (None, None, None)
+        out[backend] = dict(fwd_ms_per_sample=None if fwd is None else fwd / samples,
+                            fwd_bwd_ms_per_sample=None if both is None else both / samples, peak_mib=peak,
+                            error=error)
+        print(f"backend {backend:<8} L={length} fwd ms/sample {_fmt(out[backend]['fwd_ms_per_sample'], '.4f')} "
+              f"fwd+bwd ms/sample {_fmt(out[backend]['fwd_bwd_ms_per_sample'], '.4f')} peak MiB "
+              f"{_fmt(peak, '.0f')}" + (f" {error}" if error else ""), flush=True)
+    with torch.no_grad():
+        a, b = (models[name].eval()(**batch) for name in ("pytorch", "triton"))
+        out["max_abs_logit_diff"] = float((a - b).abs().max())
+        out["logit_scale"] = float(a.abs().max())
+    for key in ("fwd_ms_per_sample", "fwd_bwd_ms_per_sample"):
+        ref, fast = out["pytorch"][key], out["triton"][key]
+        out[key.replace("_ms_per_sample", "_speedup")] = ref / fast if ref and fast else None
+    print(f"triton vs pytorch backend: forward {_fmt(out['fwd_speedup'], '.2f')}x, forward+backward "
+          f"{_fmt(out['fwd_bwd_speedup'], '.2f')}x (max |logit diff| {out['max_abs_logit_diff']:.2e} of "
+          f"{out['logit_scale']:.2e})", flush=True)
+    return out
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -326,6 +365,7 @@ def main(argv=None):
           f"candidates {args.candidates}; LONGER d={args.token_dim} K={args.merge_size} d_model={cfg.d_model} "
           f"layers={args.n_layers} heads={args.n_heads} k={args.recent_queries} m={cfg.num_global_tokens} "
           f"({', '.join(cfg.global_tokens)}) merge={args.merge_mode}", flush=True)
+    backend_compare = run_backend_compare(args)
     rows = run_sweep(args)
     reference = run_reference(args)
     table = summary_table(rows, args.token_dim)
@@ -342,7 +382,7 @@ def main(argv=None):
         device=device_name, torch=torch.__version__, dtype=args.dtype, threads=torch.get_num_threads(),
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(cfg).items() if k != "length_sampler"},
         requests=args.requests, candidates=args.candidates, warmup=args.warmup, repeats=args.repeats,
-        rows=rows, reference=reference, table=table,
+        rows=rows, reference=reference, backend_compare=backend_compare, table=table,
     )
     with open(os.path.join(args.out, "bench_longer.json"), "w") as f:
         json.dump(report, f, indent=2)

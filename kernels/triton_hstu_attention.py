@@ -754,11 +754,20 @@ def _op_setup_context(ctx, inputs, output):
     ctx.params = inputs[8:]
 
 
-def _op_backward(ctx, dout):
+def _eager_or_op(op, impl):
+    # The custom op's Python dispatch costs ~0.5 ms of host time per call on the H100 machine's CPU (cProfile:
+    # custom_ops.backend_impl), more than a semi-local kernel's GPU time; eager calls launch directly and only
+    # torch.compile, which needs the op to trace around, goes through it.
+    return op if torch.compiler.is_compiling() else impl
+
+
+def _op_backward(ctx, dout, bwd=None):
+    # the op's registered autograd always calls the op (AOT tracing needs it); the eager Function passes impl
     q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dq, dk, dv, dpos, dtime = _bwd_op(dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias,
-                                      *ctx.params, bool(need[6]), bool(need[7]))
+    bwd = bwd or _bwd_op
+    dq, dk, dv, dpos, dtime = bwd(dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias,
+                                  *ctx.params, bool(need[6]), bool(need[7]))
     return (dq, dk, dv, None, None, None, dpos if need[6] else None, dtime if need[7] else None,
             None, None, None, None, None)
 
@@ -767,20 +776,21 @@ torch.library.register_autograd("merlin_longseq::hstu_attention_fwd", _op_backwa
 
 
 class HSTUAttentionFunction(torch.autograd.Function):
-    """Eager autograd wrapper around the two custom ops (same backward as the op's registered autograd)."""
+    """Autograd wrapper: the kernels launched directly in eager mode, the two custom ops under torch.compile
+    (same backward as the op's registered autograd)."""
 
     @staticmethod
     def forward(ctx, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
                 local_window, global_prefix):
         inputs = (q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
                   local_window, global_prefix)
-        out = _fwd_op(*inputs)
+        out = _eager_or_op(_fwd_op, _fwd_op_impl)(*inputs)
         _op_setup_context(ctx, inputs, out)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _op_backward(ctx, dout.contiguous())
+        return _op_backward(ctx, dout.contiguous(), _eager_or_op(_bwd_op, _bwd_op_impl))
 
 
 def triton_hstu_attention(

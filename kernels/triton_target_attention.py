@@ -11,6 +11,10 @@ ops/pytorch/pt_target_attention.py.
 Supports
   - jagged q [total_targets, H, D], k [total_history, H, D], v [total_history, H, Dv] with two offsets
     tensors [R + 1]; never builds a [T, L] score matrix (online softmax over key tiles);
+  - an optional per-target key limit [total_targets]: target t sees only the first key_limit[t] keys of its
+    request (a causal or prefix mask: LONGER's recent queries, padded key blocks);
+  - the log-sum-exp as a second, differentiable output, so partial attentions over disjoint key sets can be
+    merged exactly outside the kernel (LONGER's hybrid layer);
   - fp32 (three-pass tf32 dots on CUDA), bf16 and fp16 (fp32 accumulation); head dims up to 256 (padded to a
     power of two >= 16 with masked loads);
   - split-KV: each request's keys may be cut into equal chunks run by separate programs, merged by a small
@@ -30,6 +34,7 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 # Under TRITON_INTERPRET the tile sizes and split count come from here (tests change them).
 _INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "splits": None}
 # Split-KV only when (request, head, query block) programs would leave SMs idle: measured on the H100,
@@ -72,7 +77,7 @@ def _set_interpret_blocks(block_m: int, block_n: int, splits: Optional[int] = No
         kernel.cache.clear()
 
 
-_KEY = ["tgt_bucket", "len_bucket", "D", "DV", "n_splits"]
+_KEY = ["tgt_bucket", "len_bucket", "D", "DV", "n_splits", "HAS_LIMIT"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,32 +98,54 @@ def _load_tile(Base, rows, stride, offs_d, row_ok, D: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, stride_kt, stride_vt, scale_log2,
+def _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt, scale_log2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               PREC: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key tile [s0, s0 + BLOCK_N) of the online softmax (keys >= hi are padding when MASKED)."""
+    """One key tile [s0, s0 + BLOCK_N) of the online softmax. MASKED: keys >= hi are padding and row i sees
+    keys < row_hi[i] only; unmasked tiles are fully visible to every row."""
     cols = s0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hi
     k = _load_tile(K_base, cols, stride_kt, tl.arange(0, BLOCK_D), col_ok, D, BLOCK_D, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # log2 domain: exp2 is one instruction
     if MASKED:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one real key
-    p = tl.math.exp2(s - m_new[:, None])
-    correction = tl.math.exp2(m_i - m_new)
+        s = tl.where(col_ok[None, :] & (cols[None, :] < row_hi[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        correction = tl.math.exp2(m_i - m_new_safe)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every row sees every key of the tile
+        p = tl.math.exp2(s - m_new[:, None])
+        correction = tl.math.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, 1)
     v = _load_tile(V_base, cols, stride_vt, tl.arange(0, BLOCK_DV), col_ok, DV, BLOCK_DV, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
 
+@triton.jit
+def _row_limits(KeyLimit, q_start, rows, row_ok, n_kv, hi, HAS_LIMIT: tl.constexpr):
+    """(row_hi [BLOCK_M]: keys each row may see, hi: the block's last key to visit, full_end: keys below it are
+    seen by every row). Without a limit every row sees the whole history."""
+    if HAS_LIMIT:
+        limit = tl.load(KeyLimit + q_start + rows, mask=row_ok, other=0).to(tl.int32)
+        row_hi = tl.minimum(limit, n_kv)
+        hi = tl.minimum(hi, tl.max(row_hi))
+        full_end = tl.minimum(hi, tl.min(tl.where(row_ok, row_hi, n_kv)))
+    else:
+        row_hi = tl.zeros_like(rows) + n_kv
+        full_end = hi
+    return row_hi, hi, full_end
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _ta_fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartM, PartL, QOffsets, KVOffsets,
+def _ta_fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartM, PartL, QOffsets, KVOffsets, KeyLimit,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                    num_heads, max_targets, total_rows, scale_log2, max_kv_len, n_splits, tgt_bucket, len_bucket,
                    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                   SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   SPLIT: tl.constexpr, HAS_LIMIT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     """Program (query block, request, head) x key chunk. Not split: writes Out and Lse (log2 domain).
     Split: writes the chunk's unnormalised accumulator, running max and sum for _ta_combine_kernel."""
     pid = tl.program_id(0)
@@ -139,6 +166,7 @@ def _ta_fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartM, PartL, QOffsets, KVOffsets
         hi = tl.minimum(lo + chunk, n_kv)
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_q
+        row_hi, hi, full_end = _row_limits(KeyLimit, q_start, rows, row_ok, n_kv, hi, HAS_LIMIT)
         q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, tl.arange(0, BLOCK_D), row_ok,
                        D, BLOCK_D, True)
         K_base = K + kv_start * stride_kt + h * stride_kh
@@ -146,12 +174,12 @@ def _ta_fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartM, PartL, QOffsets, KVOffsets
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-        full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        full_hi = lo + tl.maximum(full_end - lo, 0) // BLOCK_N * BLOCK_N
         for s0 in range(lo, full_hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, stride_kt, stride_vt, scale_log2,
-                                      D, DV, BLOCK_D, BLOCK_DV, PREC, False, BLOCK_N)
-        if full_hi < hi:  # the ragged end of the history
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_base, V_base, full_hi, hi, stride_kt, stride_vt,
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt,
+                                      scale_log2, D, DV, BLOCK_D, BLOCK_DV, PREC, False, BLOCK_N)
+        for s0 in range(full_hi, hi, BLOCK_N):  # the ragged end of the history, or of the rows' limits
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt,
                                       scale_log2, D, DV, BLOCK_D, BLOCK_DV, PREC, True, BLOCK_N)
         offs_dv = tl.arange(0, BLOCK_DV)
         flat = (q_start + rows).to(tl.int64) * num_heads + h  # row index into [total_targets * H]
@@ -200,17 +228,18 @@ def _ta_combine_kernel(Out, Lse, PartAcc, PartM, PartL, total_rows, n_splits, nu
 # ---------------------------------------------------------------------------------------------------------
 # backward
 # ---------------------------------------------------------------------------------------------------------
-@triton.autotune(configs=_DKDV_CONFIGS, key=["tgt_bucket", "len_bucket", "D", "DV"],
+@triton.autotune(configs=_DKDV_CONFIGS, key=["tgt_bucket", "len_bucket", "D", "DV", "HAS_LIMIT"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets,
+def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets, KeyLimit,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                         stride_dkt, stride_dkh, stride_dvt, stride_dvh, num_heads, max_kv_len, scale, scale_log2,
                         tgt_bucket, len_bucket,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        HAS_LIMIT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     """Program (key block, request, head): dV = P^T dO, dK = scale * dS^T Q over all the request's targets,
-    P recomputed from the saved log-sum-exp, dS = P * (dO V^T - Delta), Delta = rowsum(dO * O)."""
+    P recomputed from the saved log-sum-exp, dS = P * (dO V^T - Delta), Delta = rowsum(dO * O) - dLse."""
     pid = tl.program_id(0)
     n_kblocks = tl.cdiv(max_kv_len, BLOCK_N)
     kb = pid % n_kblocks
@@ -241,9 +270,13 @@ def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets,
             do = _load_tile(DO_base, rows, stride_dot, offs_dv, row_ok, DV, BLOCK_DV, True)
             flat = (q_start + rows).to(tl.int64) * num_heads + h
             lse = tl.load(Lse + flat, mask=row_ok, other=float("inf"))  # padding rows: p = 0
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: p = 0
             delta = tl.load(Delta + flat, mask=row_ok, other=0.0)
             s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * scale_log2  # [keys, rows]
             p_t = tl.math.exp2(s_t - lse[None, :])
+            if HAS_LIMIT:
+                limit = tl.load(KeyLimit + q_start + rows, mask=row_ok, other=0)
+                p_t = tl.where(cols[:, None] < limit[None, :], p_t, 0.0)
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
             ds_t = p_t * (dp_t - delta[None, :])
@@ -256,7 +289,7 @@ def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, stride_kt, stride_vt, scale_log2,
+def _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt, scale_log2,
              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
              PREC: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = s0 + tl.arange(0, BLOCK_N)
@@ -266,7 +299,7 @@ def _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, stride_kt, stride_vt
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
-        p = tl.where(col_ok[None, :], p, 0.0)
+        p = tl.where(col_ok[None, :] & (cols[None, :] < row_hi[:, None]), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
@@ -275,12 +308,13 @@ def _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, stride_kt, stride_vt
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune},
                  reset_to_zero=["DQacc"])
 @triton.jit
-def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets,
+def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets, KeyLimit,
                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                       stride_dqt, stride_dqh, num_heads, max_targets, scale, scale_log2, max_kv_len, n_splits,
                       tgt_bucket, len_bucket,
                       D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      SPLIT: tl.constexpr, HAS_LIMIT: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
     """Program (query block, request, head) x key chunk: dQ = scale * dS K. Split: fp32 atomics into DQacc
     [total_targets, H, BLOCK_D]; not split: a plain store into DQ."""
     pid = tl.program_id(0)
@@ -299,10 +333,11 @@ def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets,
         chunk = tl.cdiv(tl.cdiv(max_kv_len, n_splits), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(lo + chunk, n_kv)
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_q
+        row_hi, hi, full_end = _row_limits(KeyLimit, q_start, rows, row_ok, n_kv, hi, HAS_LIMIT)
         # not split: rows with an empty history still get their zero gradient stored
         if (lo < hi) | (n_splits == 1):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < n_q
             offs_d = tl.arange(0, BLOCK_D)
             q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, offs_d, row_ok, D, BLOCK_D,
                            True)
@@ -310,17 +345,18 @@ def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets,
                             row_ok, DV, BLOCK_DV, True)
             flat = (q_start + rows).to(tl.int64) * num_heads + h
             lse = tl.load(Lse + flat, mask=row_ok, other=0.0)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: p = 0
             delta = tl.load(Delta + flat, mask=row_ok, other=0.0)
             K_base = K + kv_start * stride_kt + h * stride_kh
             V_base = V + kv_start * stride_vt + h * stride_vh
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            full_hi = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+            full_hi = lo + tl.maximum(full_end - lo, 0) // BLOCK_N * BLOCK_N
             for s0 in range(lo, full_hi, BLOCK_N):
-                dq = _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, stride_kt, stride_vt, scale_log2,
-                              D, DV, BLOCK_D, BLOCK_DV, PREC, False, BLOCK_N)
-            if full_hi < hi:
-                dq = _dq_tile(dq, q, do, lse, delta, K_base, V_base, full_hi, hi, stride_kt, stride_vt, scale_log2,
-                              D, DV, BLOCK_D, BLOCK_DV, PREC, True, BLOCK_N)
+                dq = _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt,
+                              scale_log2, D, DV, BLOCK_D, BLOCK_DV, PREC, False, BLOCK_N)
+            for s0 in range(full_hi, hi, BLOCK_N):
+                dq = _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt,
+                              scale_log2, D, DV, BLOCK_D, BLOCK_DV, PREC, True, BLOCK_N)
             dq = dq * scale
             if SPLIT:
                 tl.atomic_add(DQacc + flat[:, None] * BLOCK_D + offs_d[None, :], dq, mask=row_ok[:, None],
@@ -360,7 +396,7 @@ def _num_splits(device: torch.device, requests: int, heads: int, max_targets: in
     return int(max(1, min(want, max_kv_len // _MIN_CHUNK)))
 
 
-def _fwd_impl(launch, q, k, v, q_offsets, kv_offsets, scale, max_targets, max_kv_len, num_splits):
+def _fwd_impl(launch, q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_kv_len, num_splits):
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     total_q, heads, d = q.shape
     dv = v.shape[2]
@@ -385,13 +421,13 @@ def _fwd_impl(launch, q, k, v, q_offsets, kv_offsets, scale, max_targets, max_kv
     grid = lambda meta: (requests * heads * triton.cdiv(max_targets, meta["BLOCK_M"]), splits)  # noqa: E731
     launch(_ta_fwd_kernel)[grid](
         Q=q, K=k, V=v, Out=out, Lse=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
-        QOffsets=q_offsets, KVOffsets=kv_offsets,
+        QOffsets=q_offsets, KVOffsets=kv_offsets, KeyLimit=key_limit if key_limit is not None else q_offsets,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         num_heads=heads, max_targets=max_targets, total_rows=rows, scale_log2=float(scale) * _LOG2E,
         max_kv_len=max_kv_len, n_splits=splits, tgt_bucket=_bucket(max_targets, 16),
         len_bucket=_bucket(max_kv_len, 64), D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=block_dv,
-        SPLIT=splits > 1, PREC=_prec(q))
+        SPLIT=splits > 1, HAS_LIMIT=key_limit is not None, PREC=_prec(q))
     if splits > 1:
         block_r = 64 if _interpreting() else 32
         launch(_ta_combine_kernel)[(triton.cdiv(rows, block_r),)](
@@ -406,7 +442,8 @@ def _prec(q: torch.Tensor) -> str:
     return "tf32x3" if q.dtype == torch.float32 else "tf32"
 
 
-def _bwd_impl(launch, dout, q, k, v, out, lse, q_offsets, kv_offsets, scale, max_targets, max_kv_len, num_splits):
+def _bwd_impl(launch, dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale, max_targets,
+              max_kv_len, num_splits):
     q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
     total_q, heads, d = q.shape
     dv_dim = v.shape[2]
@@ -415,16 +452,22 @@ def _bwd_impl(launch, dout, q, k, v, out, lse, q_offsets, kv_offsets, scale, max
     requests = q_offsets.numel() - 1
     if total_q == 0 or requests == 0 or max_kv_len == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
-    # Delta = rowsum(dO * O): [total_q, H] fp32, a tiny pass next to the attention itself
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    # Delta = rowsum(dO * O): [total_q, H] fp32, a tiny pass next to the attention itself. A gradient on the
+    # log-sum-exp adds dLse * P to dS: the same as lowering Delta by dLse (natural units; Lse is log2 here)
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float() * _LOG2E
+    delta = delta.contiguous()
+    limit = key_limit if key_limit is not None else q_offsets
     common = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0),
                   stride_doh=dout.stride(1), num_heads=heads, scale=float(scale),
                   scale_log2=float(scale) * _LOG2E, tgt_bucket=_bucket(max_targets, 16),
                   len_bucket=_bucket(max_kv_len, 64), D=d, DV=dv_dim, BLOCK_D=_block_d(d),
-                  BLOCK_DV=_block_d(dv_dim), PREC=_prec(q))
+                  BLOCK_DV=_block_d(dv_dim), HAS_LIMIT=key_limit is not None, PREC=_prec(q))
     launch(_ta_bwd_dkdv_kernel)[lambda meta: (requests * heads * triton.cdiv(max_kv_len, meta["BLOCK_N"]),)](
         Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, DK=dk, DVout=dv, QOffsets=q_offsets, KVOffsets=kv_offsets,
+        KeyLimit=limit,
         stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
         max_kv_len=max_kv_len, **common)
     splits = _num_splits(q.device, requests, heads, max_targets, max_kv_len, num_splits)
@@ -435,7 +478,7 @@ def _bwd_impl(launch, dout, q, k, v, out, lse, q_offsets, kv_offsets, scale, max
                          device=q.device)
     launch(_ta_bwd_dq_kernel)[lambda meta: (requests * heads * triton.cdiv(max_targets, meta["BLOCK_M"]), splits)](
         Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, DQ=dq, DQacc=dq_acc, QOffsets=q_offsets,
-        KVOffsets=kv_offsets, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), max_targets=max_targets,
+        KVOffsets=kv_offsets, KeyLimit=limit, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), max_targets=max_targets,
         max_kv_len=max_kv_len, n_splits=splits, SPLIT=splits > 1, **common)
     if splits > 1:
         dq = dq_acc[..., :d].to(q.dtype)
@@ -456,18 +499,18 @@ def _launcher():
 
 
 def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-                 kv_offsets: torch.Tensor, scale: float, max_targets: int, max_history_len: int,
-                 num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(_launcher(), q, k, v, q_offsets, kv_offsets, scale, max_targets, max_history_len,
+                 kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
+                 max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_impl(_launcher(), q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len,
                      num_splits if num_splits > 0 else None)
 
 
-def _bwd_op_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                 lse: torch.Tensor, q_offsets: torch.Tensor, kv_offsets: torch.Tensor, scale: float,
-                 max_targets: int, max_history_len: int,
-                 num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(_launcher(), dout, q, k, v, out, lse, q_offsets, kv_offsets, scale, max_targets,
-                     max_history_len, num_splits if num_splits > 0 else None)
+def _bwd_op_impl(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_offsets: torch.Tensor,
+                 kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
+                 max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _bwd_impl(_launcher(), dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale,
+                     max_targets, max_history_len, num_splits if num_splits > 0 else None)
 
 
 if _USE_TRITON_OP:
@@ -478,27 +521,46 @@ else:
     _bwd_op = torch.library.custom_op("merlin_longseq::target_attention_bwd", _bwd_op_impl, mutates_args=())
 
     @_fwd_op.register_fake
-    def _(q, k, v, q_offsets, kv_offsets, scale, max_targets, max_history_len, num_splits):
+    def _(q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len, num_splits):
         return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
                 q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32))
 
     @_bwd_op.register_fake
-    def _(dout, q, k, v, out, lse, q_offsets, kv_offsets, scale, max_targets, max_history_len, num_splits):
+    def _(dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len,
+          num_splits):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_offsets, kv_offsets = inputs[:5]
+    q, k, v, q_offsets, kv_offsets, key_limit = inputs[:6]
     out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, q_offsets, kv_offsets)
-    ctx.params = inputs[5:]
+    ctx.save_for_backward(q, k, v, out, lse, q_offsets, kv_offsets, key_limit)
+    ctx.params = inputs[6:]
 
 
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, q_offsets, kv_offsets = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, lse, q_offsets, kv_offsets, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
+def _backward(ctx, dout, dlse, bwd=None):
+    # lse is the log2-domain log-sum-exp; its gradient (None when unused) goes into the kernels' Delta
+    q, k, v, out, lse, q_offsets, kv_offsets, key_limit = ctx.saved_tensors
+    dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
+    # the op's registered autograd always calls the op (AOT tracing needs it); the eager Function passes impl
+    bwd = bwd or _bwd_op
+    dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+class _TargetAttentionFunction(torch.autograd.Function):
+    """Eager autograd wrapper that launches the kernels directly (the op's registered autograd, minus the
+    custom-op dispatch)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, lse = _fwd_op_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, _bwd_op_impl)
 
 
 torch.library.register_autograd("merlin_longseq::target_attention_fwd", _backward, setup_context=_setup_context)
@@ -515,11 +577,16 @@ def triton_target_attention(
     max_history_len: Optional[int] = None,
     max_targets: Optional[int] = None,
     num_splits: Optional[int] = None,
-) -> torch.Tensor:
+    key_limit: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+):
     """q [total_targets, H, D], k [total_history, H, D], v [total_history, H, Dv] -> [total_targets, H, Dv].
 
     max_history_len / max_targets bound every request's history / target count (computed from the offsets,
     one device sync each, when None). num_splits forces the number of key chunks (default: a heuristic).
+    key_limit [total_targets] (int): target t sees the first key_limit[t] keys of its request only.
+    return_lse: also return the natural log-sum-exp of the scores [total_targets, H] (float32, -inf for a row
+    that saw no key), differentiable.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
@@ -527,6 +594,11 @@ def triton_target_attention(
         max_history_len = int((kv_offsets[1:] - kv_offsets[:-1]).max()) if kv_offsets.numel() > 1 else 0
     if max_targets is None:
         max_targets = int((q_offsets[1:] - q_offsets[:-1]).max()) if q_offsets.numel() > 1 else 0
-    out, _ = _fwd_op(q, k, v, q_offsets, kv_offsets, float(scale), int(max_targets), int(max_history_len),
-                     int(num_splits or 0))
+    args = (q, k, v, q_offsets, kv_offsets, key_limit, float(scale), int(max_targets), int(max_history_len),
+            int(num_splits or 0))
+    # the custom op's Python dispatch costs ~0.5 ms of host time per call on the H100 machine's CPU, more than
+    # the kernel at short histories: eager calls launch directly, torch.compile goes through the op
+    out, lse2 = _fwd_op(*args) if torch.compiler.is_compiling() else _TargetAttentionFunction.apply(*args)
+    if return_lse:
+        return out, lse2 * _LN2
     return out

@@ -55,9 +55,11 @@ def test_opcheck_both_forward_ops():
     qt = torch.randn(3, 2, 16, generator=gen).to(DEVICE).requires_grad_(True)
     q_off = offsets_from_lengths(torch.tensor([1, 2])).to(DEVICE)
     kv_off = offsets_from_lengths(torch.tensor([5, 8])).to(DEVICE)
-    # num_splits=2: the split-KV path, combine kernel and dQ atomics
+    # num_splits=2: the split-KV path, combine kernel and dQ atomics; then with per-target key limits
     torch.library.opcheck(torch.ops.merlin_longseq.target_attention_fwd.default,
-                          (qt, k, v, q_off, kv_off, 0.25, 2, 8, 2))
+                          (qt, k, v, q_off, kv_off, None, 0.25, 2, 8, 2))
+    torch.library.opcheck(torch.ops.merlin_longseq.target_attention_fwd.default,
+                          (qt, k, v, q_off, kv_off, torch.tensor([3, 0, 8]).to(DEVICE), 0.25, 2, 8, 2))
 
 
 @needs_triton

@@ -6,7 +6,8 @@ from merlin_longseq.backend import BackendUnavailableError
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions
 from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, offsets_from_lengths
-from merlin_longseq.models.stca import STCAConfig, STCAModel, log2_buckets, per_target_layout
+from merlin_longseq.buckets import log2_buckets
+from merlin_longseq.models.stca import STCAConfig, STCAModel, per_target_layout
 
 NUM_ITEMS, NUM_USERS = 50, 10
 

@@ -140,3 +140,44 @@ def test_triton_on_cpu_is_an_error_not_a_fallback(monkeypatch):
     q, k, v, q_off, kv_off = random_case([1], [2])
     with pytest.raises(BackendUnavailableError):
         target_attention(q, k, v, q_off, kv_off, backend="triton")
+
+
+def test_key_limit_equals_attention_over_each_targets_visible_prefix():
+    # the definition, target by target: truncate the request's history to the target's limit
+    q, k, v, q_off, kv_off = random_case([3, 2, 1], [6, 0, 9], dtype=torch.float64)
+    limits = torch.tensor([0, 2, 50, 1, 0, 9])
+    out, lse = target_attention(q, k, v, q_off, kv_off, scale=0.3, key_limit=limits, return_lse=True,
+                                backend="pytorch")
+    request = [0, 0, 0, 1, 1, 2]
+    for t, r in enumerate(request):
+        lo = int(kv_off[r])
+        hi = min(lo + int(limits[t]), int(kv_off[r + 1]))
+        if hi == lo:
+            assert torch.equal(out[t], torch.zeros_like(out[t])) and bool(torch.isneginf(lse[t]).all())
+            continue
+        scores = torch.einsum("lhd,hd->hl", k[lo:hi], q[t]) * 0.3
+        torch.testing.assert_close(lse[t], torch.logsumexp(scores, dim=-1))
+        torch.testing.assert_close(out[t], torch.einsum("hl,lhd->hd", torch.softmax(scores, -1), v[lo:hi]))
+
+
+def test_lse_merges_disjoint_key_sets_exactly():
+    # attention over keys [0, a) and [a, L) merged with their lse == attention over all L keys
+    q, k, v, q_off, kv_off = random_case([4], [11], dtype=torch.float64)
+    a = 5
+    first, lse1 = target_attention(q, k[:a], v[:a], q_off, torch.tensor([0, a]), return_lse=True, backend="pytorch")
+    second, lse2 = target_attention(q, k[a:], v[a:], q_off, torch.tensor([0, 11 - a]), return_lse=True,
+                                    backend="pytorch")
+    whole = target_attention(q, k, v, q_off, kv_off, backend="pytorch")
+    w1, w2 = (torch.exp(x - torch.logaddexp(lse1, lse2)).unsqueeze(-1) for x in (lse1, lse2))
+    torch.testing.assert_close(w1 * first + w2 * second, whole)
+
+
+@pytest.mark.parametrize("limits, message", [
+    (torch.tensor([1.0, 2.0, 3.0]), "integer tensor"),
+    (torch.tensor([1, 2]), r"\[total_targets\] = \[3\]"),
+    (torch.tensor([1, -1, 0]), ">= 0"),
+])
+def test_bad_key_limits_raise(limits, message):
+    q, k, v, q_off, kv_off = random_case([2, 1], [3, 4])
+    with pytest.raises(JaggedInputError, match=message):
+        target_attention(q, k, v, q_off, kv_off, key_limit=limits, backend="pytorch")

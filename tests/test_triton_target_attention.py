@@ -101,8 +101,70 @@ def test_dispatcher_backend_triton_runs_the_kernel():
 def test_custom_op_passes_opcheck():
     tk._set_interpret_blocks(16, 16)
     (q, k, v), q_off, kv_off = _make_case([2, 1], [5, 3])
-    args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), q_off, kv_off, 0.25, 2, 5, 0)
+    args = (q.requires_grad_(True), k.requires_grad_(True), v.requires_grad_(True), q_off, kv_off, None, 0.25, 2,
+            5, 0)
     torch.library.opcheck(torch.ops.merlin_longseq.target_attention_fwd.default, args)
+    limits = torch.tensor([0, 4, 2])
+    torch.library.opcheck(torch.ops.merlin_longseq.target_attention_fwd.default, args[:5] + (limits,) + args[6:])
+
+
+def _limits(t_lens, h_lens, seed):
+    # per target: 0 (sees nothing), 1, past the history end, or anything in between
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n_t, n_h in zip(t_lens, h_lens):
+        out += torch.randint(0, n_h + 3, (n_t,), generator=gen).tolist()
+    if out:
+        out[0] = 0
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def _run_lse(fn, qkv, q_off, kv_off, limits, grad_out, grad_lse, **kwargs):
+    # the loss reads both outputs; rows that see no key have lse = -inf and take no lse gradient
+    leaves = [x.detach().clone().requires_grad_(True) for x in qkv]
+    out, lse = fn(*leaves, q_off, kv_off, key_limit=limits, return_lse=True, **kwargs)
+    finite = torch.isfinite(lse)
+    loss = (out * grad_out.to(out.dtype)).sum() + torch.where(finite, lse * grad_lse.to(lse.dtype), 0).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = [g if g is not None else torch.zeros_like(x) for g, x in zip(grads, leaves)]
+    return [out.detach(), lse.detach()] + grads
+
+
+LIMIT_CASES = [
+    ("limits", [3, 1, 0, 17], [5, 0, 9, 37], None),
+    ("limits_split", [4, 1, 0, 18], [40, 0, 9, 70], 3),
+]
+
+
+@pytest.mark.skipif(not ON_CPU, reason="interpreter cases run on CPU; the GPU has its own tests")
+@pytest.mark.parametrize("case", LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
+def test_key_limits_and_lse_gradient_match_reference(case):
+    _, t_lens, h_lens, splits = case
+    tk._set_interpret_blocks(16, 16)
+    qkv, q_off, kv_off = _make_case(t_lens, h_lens)
+    limits = _limits(t_lens, h_lens, 1)
+    grad_out = torch.randn(qkv[0].shape[0], qkv[0].shape[1], qkv[2].shape[2])
+    grad_lse = torch.randn(qkv[0].shape[0], qkv[0].shape[1])
+    got = _run_lse(tk.triton_target_attention, qkv, q_off, kv_off, limits, grad_out, grad_lse, scale=0.4,
+                   num_splits=splits)
+    ref = _run_lse(lambda *a, **kw: pytorch_target_attention(*a[:5], 0.4, kw["key_limit"], True),
+                   [x.double() for x in qkv], q_off, kv_off, limits, grad_out.double(), grad_lse.double())
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1]))  # exactly the rows that see no key
+    assert bool((got[0][limits == 0] == 0).all())
+    for name, g, w in zip(["out", "lse", "dq", "dk", "dv"], got, ref):
+        g, w = torch.nan_to_num(g.double(), neginf=0.0), torch.nan_to_num(w, neginf=0.0)
+        tol = 1e-5 * float(w.abs().max()) + 1e-6 if w.numel() else 0.0
+        err = float((g - w).abs().max()) if w.numel() else 0.0
+        assert err <= tol, f"{name}: max error {err:.3e} > {tol:.3e}"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="interpreter case")
+def test_limit_at_or_past_the_history_is_no_limit():
+    tk._set_interpret_blocks(16, 16)
+    (q, k, v), q_off, kv_off = _make_case([3, 2], [20, 7])
+    plain = tk.triton_target_attention(q, k, v, q_off, kv_off)
+    limited = tk.triton_target_attention(q, k, v, q_off, kv_off, key_limit=torch.tensor([20, 25, 99, 7, 8]))
+    torch.testing.assert_close(limited, plain, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -133,6 +195,29 @@ def test_gpu_bf16_within_twice_the_reference_bf16_error(splits, dims):
         floor = 5e-3 * float(r32.abs().max()) + 1e-6
         excess = (got - r32).abs() - (2 * (r16 - r32).abs() + floor)
         assert torch.isfinite(got).all(), name
+        assert float(excess.max()) <= 0, f"{name}: {int((excess > 0).sum())} over, worst by {float(excess.max()):.3e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [1, None], ids=["one_chunk", "heuristic"])
+def test_gpu_bf16_key_limits_and_lse_within_twice_the_reference_bf16_error(splits):
+    t_lens, h_lens = _gpu_lengths(3)
+    qkv, q_off, kv_off = _make_case(t_lens, h_lens, heads=4, d=64, dv=64, device="cuda", dtype=torch.bfloat16)
+    limits = _limits(t_lens, h_lens, 2).cuda()
+    grad_out = torch.randn(qkv[0].shape[0], 4, 64, device="cuda").to(torch.bfloat16)
+    grad_lse = torch.randn(qkv[0].shape[0], 4, device="cuda")
+    got = _run_lse(tk.triton_target_attention, qkv, q_off, kv_off, limits, grad_out, grad_lse, scale=0.125,
+                   num_splits=splits)
+
+    def ref(dtype):
+        return _run_lse(lambda *a, **kw: pytorch_target_attention(*a[:5], 0.125, kw["key_limit"], True),
+                        [x.to(dtype) for x in qkv], q_off, kv_off, limits, grad_out.to(dtype), grad_lse)
+
+    ref16, ref32 = ref(torch.bfloat16), ref(torch.float32)
+    for name, g, r16, r32 in zip(["out", "lse", "dq", "dk", "dv"], got, ref16, ref32):
+        g, r16, r32 = (torch.nan_to_num(x.float(), neginf=0.0) for x in (g, r16, r32))
+        floor = 5e-3 * float(r32.abs().max()) + 1e-6
+        excess = (g - r32).abs() - (2 * (r16 - r32).abs() + floor)
         assert float(excess.max()) <= 0, f"{name}: {int((excess > 0).sum())} over, worst by {float(excess.max()):.3e}"
 
 

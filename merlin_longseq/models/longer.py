@@ -89,7 +89,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from merlin_longseq.backend import Backend, resolve_backend
+from merlin_longseq.buckets import log2_buckets
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
+from merlin_longseq.ops.group_attention import group_attention
+from merlin_longseq.ops.target_attention import target_attention
 from merlin_longseq.jagged import (
     JaggedInputError,
     jagged_positions,
@@ -134,6 +138,9 @@ class LONGERConfig:
     mixed_precision: bool = False  # bf16 autocast on the input's device
     recompute: bool = False  # activation checkpointing of the merge and every attention layer
     length_sampler: BetaLengthSampler | None = None  # training only: keep a Beta-drawn recent suffix
+    # auto / triton / pytorch: the Triton kernels for the hybrid layer's attention over the merged tokens
+    # (target_attention with per-query key limits) and the InnerTransformer's group attention
+    backend: str = "auto"
 
     def __post_init__(self):
         positive = ("num_items", "num_actions", "token_dim", "merge_size", "inner_heads",
@@ -170,6 +177,7 @@ class LONGERConfig:
             raise ValueError(f"global_tokens has duplicates: {self.global_tokens}")
         if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
             raise TypeError("length_sampler must be a BetaLengthSampler or None")
+        Backend.parse(self.backend)
 
     @property
     def num_global_tokens(self) -> int:
@@ -226,7 +234,8 @@ def _partial_attention(q, k, v, mask=None) -> _Partial:
 
 def _merge_partials(a: _Partial, b: _Partial) -> _Partial:
     row_max = torch.maximum(a.row_max, b.row_max)
-    safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # the shift cancels in numer / denom: no gradient through it (a kernel's row_max is its lse, differentiable)
+    safe = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     wa, wb = torch.exp(a.row_max - safe), torch.exp(b.row_max - safe)
     return _Partial(row_max, a.denom * wa + b.denom * wb, a.numer * wa + b.numer * wb)
 
@@ -288,7 +297,11 @@ class FeedForward(nn.Sequential):
 
 
 class SelfAttentionBlock(nn.Module):
-    """Pre-norm transformer block: x [B, T, D], mask [B or 1, 1, T, T] bool (or causal=True) -> [B, T, D]."""
+    """Pre-norm transformer block: x [B, T, D], mask [B or 1, 1, T, T] bool (or causal=True) -> [B, T, D].
+
+    Or slot_valid [B, T] bool instead of a mask: group attention (TokenMerge's inner blocks), token i sees token
+    j iff slot_valid[:, j] or i == j, through ops.group_attention with `backend`.
+    """
 
     def __init__(self, width: int, heads: int, ffn_mult: int, dropout: float):
         super().__init__()
@@ -302,26 +315,24 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         _init_residual_block(self)
 
-    def forward(self, x, mask=None, causal=False):
+    def forward(self, x, mask=None, causal=False, slot_valid=None, backend: Backend | str = Backend.AUTO):
         if x.shape[0] == 0 or x.shape[1] == 0:
             return x
         h = self.norm1(x)
-        q = _split_heads(self.query(h), self.heads)  # [B, H, T, Dh]
-        k, v = (_split_heads(t, self.heads) for t in self.key_value(h).chunk(2, dim=-1))
-        x = x + self.dropout(self.out(_merge_heads(_sdpa(q, k, v, mask, causal))))
+        if slot_valid is not None:
+            # [B, T, H, Dh] views of the Linear outputs, as the kernel takes them: no head transposes, no mask
+            q = self.query(h).unflatten(-1, (self.heads, -1))
+            k, v = (t.unflatten(-1, (self.heads, -1)) for t in self.key_value(h).chunk(2, dim=-1))
+            attn = group_attention(q, k, v, slot_valid, backend=backend, check_inputs=False).flatten(-2)
+        else:
+            q = _split_heads(self.query(h), self.heads)  # [B, H, T, Dh]
+            k, v = (_split_heads(t, self.heads) for t in self.key_value(h).chunk(2, dim=-1))
+            attn = _merge_heads(_sdpa(q, k, v, mask, causal))
+        x = x + self.dropout(self.out(attn))
         return x + self.ffn(self.norm2(x))
 
 
 # ---------------------------------------------------------------------------------------- history tokens
-
-
-def log2_bucket(x: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Bit length, as STCA buckets: 0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3, ...; x <= 0 -> 0; capped at
-    num_buckets - 1 (int64)."""
-    x = x.to(torch.int64)
-    # float64: floor(log2) is exact at powers of two for any int64 gap met in practice
-    bits = torch.floor(torch.log2(x.clamp(min=1).to(torch.float64))).to(torch.int64) + 1
-    return torch.where(x > 0, bits, torch.zeros_like(bits)).clamp(max=num_buckets - 1)
 
 
 class HistoryTokenizer(nn.Module):
@@ -348,8 +359,8 @@ class HistoryTokenizer(nn.Module):
         rank = lengths_from_offsets(offsets)[seq_index] - 1 - positions  # 0 = most recent
         age = request_time[seq_index] - timestamps
         return (self.item(item_ids) + self.action(actions)
-                + self.time_bucket(log2_bucket(age, self.num_time_buckets))
-                + self.rank_bucket(log2_bucket(rank, self.num_rank_buckets)))
+                + self.time_bucket(log2_buckets(age, self.num_time_buckets))
+                + self.rank_bucket(log2_buckets(rank, self.num_rank_buckets)))
 
 
 def group_history(tokens: torch.Tensor, offsets: torch.Tensor, merge_size: int):
@@ -379,6 +390,7 @@ class TokenMerge(nn.Module):
     def __init__(self, cfg: LONGERConfig):
         super().__init__()
         self.mode, self.merge_size, self.d_model = cfg.merge_mode, cfg.merge_size, cfg.d_model
+        self.backend = cfg.backend
         if self.mode == "inner":
             self.slot_embedding = nn.Parameter(0.02 * torch.randn(cfg.merge_size, cfg.token_dim))
             self.inner = nn.ModuleList(
@@ -397,11 +409,16 @@ class TokenMerge(nn.Module):
             pooled = (groups * valid).sum(1) / valid.sum(1).clamp(min=1)  # [G, d]
             return self.proj(pooled)
         if self.mode == "inner":
-            eye = torch.eye(self.merge_size, dtype=torch.bool, device=groups.device)
-            mask = (slot_valid[:, None, :] | eye).unsqueeze(1)  # [G, 1, K, K]; the diagonal keeps empty rows finite
             x = groups + self.slot_embedding
-            for block in self.inner:
-                x = block(x, mask)
+            if resolve_backend(self.backend, groups) is Backend.TRITON:
+                # the Triton group attention: programs of whole groups, no [G, 1, K, K] mask, no SDPA chunks
+                for block in self.inner:
+                    x = block(x, slot_valid=slot_valid, backend=self.backend)
+            else:
+                eye = torch.eye(self.merge_size, dtype=torch.bool, device=groups.device)
+                mask = (slot_valid[:, None, :] | eye).unsqueeze(1)  # [G, 1, K, K]; the diagonal keeps empty rows finite
+                for block in self.inner:
+                    x = block(x, mask)
             groups = x * valid  # empty slots stay zero, as in concat
         return self.proj(groups.flatten(1))  # [G, K * d] -> [G, d_model]
 
@@ -442,12 +459,30 @@ class UserCache:
         return self.key.shape[0]
 
 
+def _kernel_partial(q, q_offsets, max_queries, k, v, key_limit) -> _Partial:
+    """Softmax attention of jagged query rows over padded per-request key blocks with the Triton
+    target_attention kernel. q [N, H, Dh] (request r owns rows q_offsets[r]:q_offsets[r + 1]), k/v
+    [R, H, P, Dh], key_limit [N]: how many of its request's P keys each row sees (a prefix).
+    -> _Partial with fields [N, H, 1 or Dh]: row_max is the (differentiable) log-sum-exp, denom 1 (0 for a
+    row that sees no key), numer the normalised output."""
+    requests, heads, num_keys, dh = k.shape
+    # [R, H, P, Dh] views of token-major Linear outputs -> [R * P, H, Dh], no copy
+    k, v = (t.transpose(1, 2).reshape(-1, heads, dh) for t in (k, v))
+    kv_offsets = torch.arange(requests + 1, device=k.device) * num_keys
+    out, lse = target_attention(q, k, v, q_offsets, kv_offsets, key_limit=key_limit, return_lse=True,
+                                max_history_len=num_keys, max_targets=max_queries, backend=Backend.TRITON,
+                                check_inputs=False)
+    lse = lse.unsqueeze(-1)
+    return _Partial(lse, torch.isfinite(lse).float(), out.float())
+
+
 class HybridCrossLayer(nn.Module):
     """Layer 1: queries = global + k' recent merged tokens, keys/values = global + all merged tokens."""
 
     def __init__(self, cfg: LONGERConfig):
         super().__init__()
         d = cfg.d_model
+        self.backend = cfg.backend
         self.heads = cfg.n_heads
         self.norm1 = nn.LayerNorm(d)
         self.query = nn.Linear(d, d)
@@ -465,10 +500,22 @@ class HybridCrossLayer(nn.Module):
         rows = torch.arange(merged.shape[0], device=merged.device).unsqueeze(1)
         recent_state = merged[rows, recent_pos]  # [R, Q, d]
         recent_query = _split_heads(self.query(h[rows, recent_pos]), self.heads)  # [R, H, Q, Dh]
+        if self._use_kernel(key):
+            # the query of merged index p sees merged keys 0..p (recent_pos < the request's merged count)
+            requests, heads, num_recent, dh = recent_query.shape
+            limit = torch.where(recent_valid, recent_pos + 1, torch.zeros_like(recent_pos)).reshape(-1)
+            q_offsets = torch.arange(requests + 1, device=key.device) * num_recent
+            partial = _kernel_partial(recent_query.transpose(1, 2).reshape(-1, heads, dh), q_offsets, num_recent,
+                                      key, value, limit)
+            partial = _Partial(*(t.view(requests, num_recent, heads, -1).transpose(1, 2) for t in partial))
+            return key, value, recent_state, recent_query, partial
         positions = torch.arange(merged.shape[1], device=merged.device)
         causal = positions.view(1, 1, -1) <= recent_pos.unsqueeze(-1)  # [R, Q, P]
         mask = (causal & merged_valid.unsqueeze(1) & recent_valid.unsqueeze(-1)).unsqueeze(1)  # [R, 1, Q, P]
         return key, value, recent_state, recent_query, _partial_attention(recent_query, key, value, mask)
+
+    def _use_kernel(self, tensor) -> bool:
+        return resolve_backend(self.backend, tensor) is Backend.TRITON
 
     def attend_candidates(self, global_tokens, cache: UserCache, request_index, cand_offsets):
         """global_tokens [C, m, d] -> the layer's output for [globals | recent] per candidate [C, m + Q, d]."""
@@ -489,6 +536,15 @@ class HybridCrossLayer(nn.Module):
 
     def _globals_to_merged(self, gq, cache: UserCache, cand_offsets) -> _Partial:
         num_cand, heads, m, dh = gq.shape
+        if self._use_kernel(gq):
+            # candidates are grouped by request: its C_r * m global rows see the request's merged keys
+            per_request = lengths_from_offsets(cand_offsets)
+            merged_count = cache.merged_valid.sum(1)  # [R]
+            limit = torch.repeat_interleave(merged_count, per_request * m)
+            max_rows = (int(per_request.max()) if per_request.numel() else 0) * m
+            partial = _kernel_partial(gq.transpose(1, 2).reshape(-1, heads, dh), cand_offsets * m, max_rows,
+                                      cache.key, cache.value, limit)
+            return _Partial(*(t.view(num_cand, m, heads, -1).transpose(1, 2) for t in partial))
         padded = jagged_to_padded(gq, cand_offsets)  # [R, Cmax, H, m, Dh]
         cmax = padded.shape[1]
         q = padded.permute(0, 2, 1, 3, 4).reshape(padded.shape[0], heads, cmax * m, dh)  # [R, H, Cmax*m, Dh]
@@ -717,8 +773,8 @@ class LONGERModel(nn.Module):
         latest = torch.where(match, rank, torch.full_like(rank, torch.iinfo(rank.dtype).max)).amin(1) \
             if history.shape[1] else rank.new_zeros(history.shape[0])
         seen = match.any(1)
-        recency = torch.where(seen, log2_bucket(latest, never), torch.full_like(latest, never))
-        return self.target_count(log2_bucket(match.sum(1), never)) + self.target_recency(recency)
+        recency = torch.where(seen, log2_buckets(latest, never), torch.full_like(latest, never))
+        return self.target_count(log2_buckets(match.sum(1), never)) + self.target_recency(recency)
 
     def _self_layers(self, x, recent_valid):
         """Layers 2..N over [globals | recent] per candidate: x [C, m + Q, d], recent_valid [C, Q]."""
@@ -923,7 +979,6 @@ __all__ = [
     "UserCache",
     "full_transformer_flops_per_sample",
     "group_history",
-    "log2_bucket",
     "longer_flops_breakdown",
     "longer_flops_per_sample",
 ]

@@ -81,39 +81,53 @@ class MeanPoolModel(nn.Module):
         self.hidden_dim = width
         self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
 
-    def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
-                    user_ids=None) -> MeanPoolUserState:
-        """Mean history token per request (timestamps are accepted for interface parity and not used)."""
+    # ---- pieces shared with the pooling variants (DIN): checked history tokens and the tower
+
+    def history_tokens(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
+                       user_ids=None):
+        """Checked inputs -> (event tokens [N, d], hist_offsets (after the training-time length sampler),
+        user tokens [R, d] or None). Timestamps are accepted for interface parity and not used."""
         check_history(self.cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and self.cfg.length_sampler is not None:
             kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
                 lengths_from_offsets(hist_offsets)))
             hist_item_ids, hist_actions = hist_item_ids[kept], hist_actions[kept]
         tokens = self.item_embedding(hist_item_ids) + self.action_embedding(hist_actions)  # [N, d]
+        user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
+        return tokens, hist_offsets, user_tokens
+
+    def tower_hidden(self, summary, target, user_tokens, request_of):
+        """MLP([summary || target || summary * target (|| user token)]) per candidate -> [T, hidden_dim]."""
+        features = [summary, target, summary * target]
+        if user_tokens is not None:
+            features.append(user_tokens[request_of])
+        return self.tower(torch.cat(features, dim=-1))
+
+    # ---- the model
+
+    def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
+                    user_ids=None) -> MeanPoolUserState:
+        """Mean history token per request."""
+        tokens, hist_offsets, user_tokens = self.history_tokens(hist_item_ids, hist_actions, hist_timestamps,
+                                                                hist_offsets, request_time, user_ids)
         lengths = lengths_from_offsets(hist_offsets)
         requests = lengths.shape[0]
         owner = torch.repeat_interleave(torch.arange(requests, device=tokens.device), lengths)
         sums = torch.zeros(requests, tokens.shape[1], dtype=tokens.dtype, device=tokens.device)
         sums = sums.index_add(0, owner, tokens)
         pooled = sums / lengths.clamp(min=1).unsqueeze(1).to(tokens.dtype)  # empty history -> zeros
-        user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
         return MeanPoolUserState(pooled, user_tokens)
 
     def candidate_hidden(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim]."""
         check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
-        request_of = torch.repeat_interleave(torch.arange(state.num_requests, device=cand_offsets.device),
-                                             lengths_from_offsets(cand_offsets))
-        target = self.item_embedding(cand_item_ids)
-        pooled = state.pooled[request_of]
-        features = [pooled, target, pooled * target]
-        if state.user_tokens is not None:
-            features.append(state.user_tokens[request_of])
-        return self.tower(torch.cat(features, dim=-1))
+        request_of = request_of_candidates(state.num_requests, cand_offsets)
+        return self.tower_hidden(state.pooled[request_of], self.item_embedding(cand_item_ids), state.user_tokens,
+                                 request_of)
 
-    def score_candidates(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
+    def score_candidates(self, state, cand_item_ids, cand_offsets) -> torch.Tensor:
         if self.heads is None:
-            raise RuntimeError("this MeanPoolModel was built headless (tasks=()); use candidate_hidden")
+            raise RuntimeError(f"this {type(self).__name__} was built headless (tasks=()); use candidate_hidden")
         return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
 
     def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
@@ -121,3 +135,9 @@ class MeanPoolModel(nn.Module):
         """Logits [total_candidates, num_tasks], candidates in request order."""
         state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         return self.score_candidates(state, cand_item_ids, cand_offsets)
+
+
+def request_of_candidates(num_requests: int, cand_offsets: torch.Tensor) -> torch.Tensor:
+    """The request index of every candidate [T]."""
+    return torch.repeat_interleave(torch.arange(num_requests, device=cand_offsets.device),
+                                   lengths_from_offsets(cand_offsets))

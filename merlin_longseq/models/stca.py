@@ -43,10 +43,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_longseq.backend import Backend
+from merlin_longseq.buckets import log2_buckets
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
 from merlin_longseq.jagged import jagged_positions, lengths_from_offsets, offsets_from_lengths, \
     validate_offsets
 from merlin_longseq.models.request_checks import check_candidates, check_history
+from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
 
 
@@ -106,14 +108,6 @@ class STCAUserState:
     @property
     def num_requests(self) -> int:
         return self.history_offsets.numel() - 1
-
-
-def log2_buckets(values: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3, ... (bit length); negatives count as 0; clamped to the last bucket."""
-    values = values.to(torch.int64).clamp(min=0)
-    # float64 keeps floor(log2) exact at powers of two for any int64 gap seen in practice
-    bit_length = torch.floor(torch.log2(values.clamp(min=1).to(torch.float64))).to(torch.int64) + 1
-    return torch.where(values > 0, bit_length, 0).clamp(max=num_buckets - 1)
 
 
 def traceable_target_attention(q, k, v, q_offsets, kv_offsets) -> torch.Tensor:
@@ -194,11 +188,14 @@ class STCALayer(nn.Module):
                 self.kv_proj.weight[:inner].copy_(self.q_proj.weight)  # W_K := W_Q
 
     def keys_values(self, history_tokens):
-        """[total_history, d] -> K, V [total_history, H, d_h]."""
-        cfg = self.cfg
-        kv = self.kv_proj(self.history_norm(self.history_ffn(history_tokens)))
-        k, v = kv.chunk(2, dim=-1)
-        return k.reshape(-1, cfg.n_heads, cfg.head_dim), v.reshape(-1, cfg.n_heads, cfg.head_dim)
+        """[total_history, d] -> K, V [total_history, H, d_h]: LN(SwiGLU) and W_K || W_V (one fused kernel on
+        the Triton path: no [N, ffn] intermediate in memory)."""
+        cfg, ffn, norm = self.cfg, self.history_ffn, self.history_norm
+        # tracing (TorchScript export) keeps the plain reference ops in the graph, as attend() does
+        backend = "pytorch" if torch.jit.is_tracing() else cfg.backend
+        return history_projection(history_tokens, ffn.gate_up.weight, ffn.down.weight, norm.weight, norm.bias,
+                                  self.kv_proj.weight, num_heads=cfg.n_heads, residual=cfg.residual_ffn,
+                                  eps=norm.eps, backend=backend)
 
     def attend(self, query, keys, values, cand_offsets, history_offsets, max_history_len):
         """query [total_candidates, d] -> o(i) [total_candidates, d]."""

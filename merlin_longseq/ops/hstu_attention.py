@@ -66,14 +66,6 @@ def hstu_attention(
         _check_inputs(q, k, v, offsets, max_seq_len, num_targets, local_window, global_prefix, timestamps,
                       pos_bias, time_bias)
     chosen = resolve_backend(backend, q, k, v)
-    if chosen is Backend.TRITON and q.is_cuda and time_bias is not None and timestamps is not None:
-        # The kernel's fused time-bucket bias is wrong on the GPU (H100 run: 1.7e-2 relative error in fp32,
-        # while the interpreter matches the reference); until it is fixed, auto keeps such calls on PyTorch.
-        if Backend.parse(backend) is Backend.TRITON:
-            raise BackendUnavailableError(
-                "the Triton hstu_attention kernel does not yet support time_bias on CUDA (known bug, see "
-                "docs/PERFORMANCE.md); use backend='pytorch' or 'auto'")
-        chosen = Backend.PYTORCH
     if chosen is Backend.TRITON:
         kernel = _triton_kernel()
         if kernel is None:

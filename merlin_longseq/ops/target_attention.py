@@ -15,7 +15,7 @@ from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, valida
 from merlin_longseq.ops.pytorch.pt_target_attention import pytorch_target_attention
 
 
-def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets) -> None:
+def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets, key_limit) -> None:
     if q.dim() != 3:
         raise JaggedInputError(f"q must be [total_targets, H, D], got shape {tuple(q.shape)}")
     if k.dim() != 3 or k.shape[1:] != q.shape[1:]:
@@ -46,6 +46,15 @@ def _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_ta
         )
     if not scale > 0:
         raise JaggedInputError(f"scale must be positive, got {scale}")
+    if key_limit is not None:
+        if key_limit.shape != (q.shape[0],) or key_limit.is_floating_point() or key_limit.dtype == torch.bool:
+            raise JaggedInputError(
+                f"key_limit must be an integer tensor [total_targets] = [{q.shape[0]}], got "
+                f"{key_limit.dtype} {tuple(key_limit.shape)}")
+        if key_limit.device != q.device:
+            raise JaggedInputError(f"key_limit must be on {q.device}, got {key_limit.device}")
+        if key_limit.numel() and int(key_limit.min()) < 0:
+            raise JaggedInputError("key_limit must be >= 0")
 
 
 def target_attention(
@@ -60,7 +69,9 @@ def target_attention(
     max_targets: int | None = None,
     backend: Backend | str = Backend.AUTO,
     check_inputs: bool = True,
-) -> torch.Tensor:
+    key_limit: torch.Tensor | None = None,
+    return_lse: bool = False,
+):
     """Each request's targets attend (softmax, per head) to that request's history only.
 
     Args:
@@ -72,13 +83,17 @@ def target_attention(
         max_targets: most targets of one request, as a Python int (the kernel's grid); computed from q_offsets
             when None. Passing both lets torch.compile trace the Triton path without a device sync.
         backend: auto / triton / pytorch (see merlin_longseq.backend).
+        key_limit: optional [total_targets] integers: target t sees only the first key_limit[t] keys of its
+            request's history (causal / prefix masks; keys padded to a common length).
+        return_lse: also return the log-sum-exp of each row's scores [total_targets, H] (at least float32, natural log,
+            -inf for a row with no visible key); differentiable.
     Returns:
-        [total_targets, H, Dv]; targets of a request with an empty history get zeros.
+        [total_targets, H, Dv] (and the lse when asked); targets that see no key get zeros.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5 if q.dim() == 3 and q.shape[-1] else 1.0
     if check_inputs:
-        _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets)
+        _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets, key_limit)
     chosen = resolve_backend(backend, q, k, v)
     if chosen is Backend.TRITON:
         kernel = _triton_kernel()
@@ -93,8 +108,8 @@ def target_attention(
                 t_lengths = lengths_from_offsets(q_offsets)
                 max_targets = int(t_lengths.max()) if t_lengths.numel() else 0
             return kernel(q, k, v, q_offsets, kv_offsets, scale=scale, max_history_len=max_history_len,
-                          max_targets=max_targets)
-    return pytorch_target_attention(q, k, v, q_offsets, kv_offsets, scale)
+                          max_targets=max_targets, key_limit=key_limit, return_lse=return_lse)
+    return pytorch_target_attention(q, k, v, q_offsets, kv_offsets, scale, key_limit, return_lse)
 
 
 def _triton_kernel():

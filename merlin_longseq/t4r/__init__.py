@@ -1,4 +1,5 @@
 """Transformers4Rec adapters (needs the `merlin` extra). The core package never imports this module."""
+from merlin_longseq.t4r.din import DINBlock
 from merlin_longseq.t4r.hstu import HSTUBlock, hstu_config_from
 from merlin_longseq.t4r.longer import LONGERBlock
 from merlin_longseq.t4r.pooling import MeanPoolBlock
@@ -6,5 +7,5 @@ from merlin_longseq.t4r.request import (RequestBatchPadding, RequestBinaryClassi
                                         RequestColumns, columns_and_sizes, request_dataloader)
 from merlin_longseq.t4r.stca import STCABlock
 
-__all__ = ["HSTUBlock", "hstu_config_from", "STCABlock", "LONGERBlock", "MeanPoolBlock", "RequestBlock", "RequestColumns",
+__all__ = ["HSTUBlock", "hstu_config_from", "STCABlock", "LONGERBlock", "MeanPoolBlock", "DINBlock", "RequestBlock", "RequestColumns",
            "RequestBinaryClassificationTask", "RequestBatchPadding", "request_dataloader", "columns_and_sizes"]

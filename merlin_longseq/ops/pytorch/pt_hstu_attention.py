@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from merlin_longseq.buckets import bit_length
 from merlin_longseq.jagged import jagged_to_padded, lengths_from_offsets, padded_to_jagged
 
 
@@ -29,8 +30,10 @@ def hstu_position_buckets(distance: torch.Tensor, num_buckets: int) -> torch.Ten
 
 def hstu_time_buckets(gap: torch.Tensor, num_buckets: int) -> torch.Tensor:
     # log2 buckets: 0 for gap 0, 1 for gap 1, 2 for 2..3, 3 for 4..7, ...
-    gap = gap.abs().to(torch.float64)
-    return torch.floor(torch.log2(gap + 1.0)).to(torch.int64).clamp(max=num_buckets - 1)
+    # floor(log2(1 + g)) = bit_length(1 + g) - 1, in integers: float64 log2 is not exact on CUDA (buckets.py);
+    # g is capped first (the bucket is capped anyway) so that 1 + g cannot overflow
+    gap = gap.to(torch.int64).abs().clamp(max=1 << 62)
+    return (bit_length(gap + 1) - 1).clamp(max=num_buckets - 1)
 
 
 def hstu_attention_mask(
