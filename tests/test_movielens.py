@@ -194,6 +194,14 @@ def test_request_etl_histories_end_before_the_day(tmp_path):
     assert [list(p) for p in train["positive"]] == [[1], [1, 0]]
     assert [decode(h) for h in evals["hist_item_id"]] == [[10, 11, 12]]  # day 3's own event is not history
     assert [decode(c) for c in evals["cand_item_id"]] == [[13]]
+    assert "hist_action" not in train.columns  # no action in the log: none in the rows
+    # with the reader's action column (the rating bucket) the history carries it, in event order
+    paths = ml.run_request_etl(events.assign(action=events["rating"].astype("int64")), tmp_path / "act",
+                               max_history=8, eval_fraction=0.3)
+    train = merlin.io.Dataset(paths["train"], engine="parquet").to_ddf().compute().sort_values("request_id")
+    evals = merlin.io.Dataset(paths["eval"], engine="parquet").to_ddf().compute()
+    assert [list(a) for a in train["hist_action"]] == [[], [5]]
+    assert [list(a) for a in evals["hist_action"]] == [[5, 4, 1]]
 
 
 # ------------------------------------------------------------------------------------ on the real ML-100K

@@ -338,7 +338,8 @@ def run_request_etl(events: pd.DataFrame, out_dir, max_history: int = 512, eval_
 
     Each user's last ceil(eval_fraction * requests) day requests (at least one, when the user has two or more)
     go to eval/, the earlier ones to train/; a user with a single request day is train only. Histories hold
-    the user's events strictly before each request (any split), capped at `max_history`, most recent last.
+    the user's events strictly before each request (any split), capped at `max_history`, most recent last. With an
+    `action` column in the log (read_movielens gives the rating bucket), histories carry it as hist_action.
     """
     import merlin.io
 
@@ -349,7 +350,9 @@ def run_request_etl(events: pd.DataFrame, out_dir, max_history: int = 512, eval_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     requests = daily_requests(events)
-    log = events[["user_id", "item_id", "timestamp"]].copy()
+    # the event's action (the rating bucket from read_movielens) rides along as hist_action, which the request
+    # blocks read; a log without one gives histories of items and times only
+    log = events[["user_id", "item_id", "timestamp"] + (["action"] if "action" in events.columns else [])].copy()
     per_user = requests.drop_duplicates("request_id")[["user_id", "request_id"]]
     rank_from_end = per_user.groupby("user_id").cumcount(ascending=False)
     count = per_user.groupby("user_id")["request_id"].transform("size")

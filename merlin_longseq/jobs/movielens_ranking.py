@@ -152,8 +152,9 @@ def later_days(requests, fraction: float):
 def run_ranking_etl(events, out_dir: str, cfg: MovieLensRankingConfig) -> dict:
     """Request-grouped parquet `train/` and `eval/` (with tune=True: `train/` and `valid/` inside the train split).
 
-    workflows.movielens.run_request_etl gives the same rows without the history's ratings; here the rating bucket
-    rides along as hist_action (what a rating model most needs to read from the history).
+    The rows are those of workflows.movielens.run_request_etl (the rating bucket rides along as hist_action, what
+    a rating model most needs to read from the history); this job adds the tuning split inside train and the
+    spreading of the empty-history requests over the batches (spread_first_days).
     """
     import merlin.io
 

@@ -7,5 +7,6 @@ from merlin_longseq.t4r.request import (RequestBatchPadding, RequestBinaryClassi
                                         RequestColumns, columns_and_sizes, request_dataloader)
 from merlin_longseq.t4r.stca import STCABlock
 
-__all__ = ["HSTUBlock", "hstu_config_from", "STCABlock", "LONGERBlock", "MeanPoolBlock", "DINBlock", "RequestBlock", "RequestColumns",
-           "RequestBinaryClassificationTask", "RequestBatchPadding", "request_dataloader", "columns_and_sizes"]
+__all__ = ["HSTUBlock", "hstu_config_from", "STCABlock", "LONGERBlock", "MeanPoolBlock", "DINBlock", "RequestBlock",
+           "RequestColumns", "RequestBinaryClassificationTask", "RequestBatchPadding", "request_dataloader",
+           "columns_and_sizes"]
