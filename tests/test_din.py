@@ -11,24 +11,7 @@ from merlin_longseq.models.din import DINConfig, DINModel, candidate_history_pai
 from merlin_longseq.models.pooling import MeanPoolConfig, MeanPoolModel
 from merlin_longseq.models.stca import per_target_layout
 
-NUM_ITEMS = 30
-
-
-def random_batch(hist_lengths, cand_lengths, seed=0, num_users=0):
-    g = torch.Generator().manual_seed(seed)
-    n, c = sum(hist_lengths), sum(cand_lengths)
-    batch = dict(
-        hist_item_ids=torch.randint(1, NUM_ITEMS + 1, (n,), generator=g),
-        hist_actions=torch.randint(0, 4, (n,), generator=g),
-        hist_timestamps=torch.randint(0, 1000, (n,), generator=g),
-        hist_offsets=offsets_from_lengths(torch.tensor(hist_lengths)),
-        request_time=torch.full((len(hist_lengths),), 2000),
-        cand_item_ids=torch.randint(1, NUM_ITEMS + 1, (c,), generator=g),
-        cand_offsets=offsets_from_lengths(torch.tensor(cand_lengths)),
-    )
-    if num_users:
-        batch["user_ids"] = torch.randint(1, num_users + 1, (len(hist_lengths),), generator=g)
-    return batch
+from test_pooling import NUM_ITEMS, random_batch  # one batch maker for both pooling models
 
 
 def make_model(**fields):
