@@ -11,7 +11,7 @@ from merlin_longseq.models.din import DINConfig, DINModel, candidate_history_pai
 from merlin_longseq.models.pooling import MeanPoolConfig, MeanPoolModel
 from merlin_longseq.models.stca import per_target_layout
 
-from test_pooling import NUM_ITEMS, random_batch  # one batch maker for both pooling models
+from test_pooling import NUM_ITEMS, assert_rejects_bad_requests, random_batch  # shared with mean pooling
 
 
 def make_model(**fields):
@@ -134,17 +134,7 @@ def test_pool_gradients_float64():
 
 def test_bad_inputs_raise_clear_errors():
     model = DINModel(DINConfig(num_items=NUM_ITEMS, d_model=8, num_users=3))
-    batch = random_batch([3, 2], [2, 2], num_users=3)
-    with pytest.raises(JaggedInputError, match="hist_offsets"):
-        model(**{**batch, "hist_offsets": torch.tensor([0, 3, 4])})
-    with pytest.raises(JaggedInputError, match="hist_item_ids must lie in"):
-        model(**{**batch, "hist_item_ids": batch["hist_item_ids"] + NUM_ITEMS})
-    with pytest.raises(JaggedInputError, match="1-D integer"):
-        model(**{**batch, "cand_item_ids": batch["cand_item_ids"].float()})
-    with pytest.raises(JaggedInputError, match="cand_offsets describe 1 requests"):
-        model(**{**batch, "cand_offsets": torch.tensor([0, 4])})
-    with pytest.raises(JaggedInputError, match="needs integer user_ids"):
-        model(**{k: v for k, v in batch.items() if k != "user_ids"})
+    assert_rejects_bad_requests(model)
     with pytest.raises(JaggedInputError, match="one width"):
         target_weighted_pool(torch.zeros(3, 4), torch.tensor([0, 3]), torch.zeros(1, 5), torch.tensor([0, 1]),
                              model.attention)

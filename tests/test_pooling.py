@@ -103,8 +103,8 @@ def test_length_sampler_only_in_training():
     assert not torch.allclose(model(**batch), full)  # training: at most the 2 most recent events
 
 
-def test_bad_inputs_raise_clear_errors():
-    model = MeanPoolModel(MeanPoolConfig(num_items=NUM_ITEMS, d_model=8, num_users=3))
+def assert_rejects_bad_requests(model):
+    """The request input checks every pooling model (mean pooling, DIN) inherits; model has num_users=3."""
     batch = random_batch([3, 2], [2, 2], num_users=3)
     with pytest.raises(JaggedInputError, match="hist_offsets"):
         model(**{**batch, "hist_offsets": torch.tensor([0, 3, 4])})
@@ -116,6 +116,10 @@ def test_bad_inputs_raise_clear_errors():
         model(**{**batch, "cand_offsets": torch.tensor([0, 4])})
     with pytest.raises(JaggedInputError, match="needs integer user_ids"):
         model(**{k: v for k, v in batch.items() if k != "user_ids"})
+
+
+def test_bad_inputs_raise_clear_errors():
+    assert_rejects_bad_requests(MeanPoolModel(MeanPoolConfig(num_items=NUM_ITEMS, d_model=8, num_users=3)))
     with pytest.raises(ValueError, match="num_items"):
         MeanPoolConfig(num_items=0)
     with pytest.raises(ValueError, match="dropout"):

@@ -290,27 +290,37 @@ def run(run_dir: str, cfg: MovieLensJobConfig | None = None, log=print) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/movielens-next-item", help="run folder")
+def movielens_parser(doc: str, archs, default_out: str, quick_help: str) -> argparse.ArgumentParser:
+    """The arguments every MovieLens job takes (this one and jobs/movielens_ranking.py)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out, help="run folder")
     parser.add_argument("--data", help="MovieLens folder or ratings file (default: ML-100K beside the repo)")
     parser.add_argument("--download", action="store_true", help="fetch the dataset from GroupLens if missing")
-    parser.add_argument("--quick", action="store_true", help="a few hundred users, one epoch, one seed")
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="repeatable; default all")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--arch", action="append", choices=archs, help="repeatable; default all")
     parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
     parser.add_argument("--epochs", type=int)
+    return parser
+
+
+def apply_arguments(cfg, args, **job_changes):
+    """cfg with the shared arguments (and the job's own changes) replaced wherever they were given."""
+    changes = {"data_dir": args.data, "download": args.download or None,
+               "archs": tuple(args.arch) if args.arch else None,
+               "seeds": tuple(args.seeds) if args.seeds else None, "epochs": args.epochs, **job_changes}
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+def main(argv=None) -> int:
+    parser = movielens_parser(__doc__, ARCHS, "runs/movielens-next-item", "a few hundred users, one epoch, one seed")
     parser.add_argument("--uniform-negatives", action="store_true",
                         help="sampled softmax with uniform negatives instead of T4R's log-uniform ones")
     parser.add_argument("--full-softmax", action="store_true",
                         help="train with a full softmax over all items instead of T4R's sampled softmax")
     args = parser.parse_args(argv)
-    cfg = MovieLensJobConfig.quick() if args.quick else MovieLensJobConfig()
-    changes = {"data_dir": args.data, "download": args.download or None,
-               "archs": tuple(args.arch) if args.arch else None,
-               "seeds": tuple(args.seeds) if args.seeds else None, "epochs": args.epochs,
-               "sampled_softmax": False if args.full_softmax else None,
-               "negative_sampler": "uniform" if args.uniform_negatives else None}
-    cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    cfg = apply_arguments(MovieLensJobConfig.quick() if args.quick else MovieLensJobConfig(), args,
+                          sampled_softmax=False if args.full_softmax else None,
+                          negative_sampler="uniform" if args.uniform_negatives else None)
     run(args.out, cfg)
     return 0
 

@@ -28,8 +28,6 @@ Run: python examples/movielens.py ranking [--quick] [--out DIR]   (or python -m 
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import time
@@ -400,23 +398,15 @@ def plot_auc_vs_length(path: str, out: dict, cfg: MovieLensRankingConfig) -> boo
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/movielens-ranking", help="run folder")
-    parser.add_argument("--data", help="MovieLens folder or ratings file (default: ML-100K beside the repo)")
-    parser.add_argument("--download", action="store_true", help="fetch the dataset from GroupLens if missing")
-    parser.add_argument("--quick", action="store_true", help="300 users, one epoch, one seed, small models")
-    parser.add_argument("--arch", action="append", choices=ARCHS, help="repeatable; default all")
-    parser.add_argument("--seeds", type=int, nargs="+", help="default 0 1 2")
-    parser.add_argument("--epochs", type=int)
+    from merlin_longseq.jobs.movielens import apply_arguments, movielens_parser
+
+    parser = movielens_parser(__doc__, ARCHS, "runs/movielens-ranking", "300 users, one epoch, one seed, small models")
     parser.add_argument("--lr", type=float, help="learning rate (all archs)")
     parser.add_argument("--tune", action="store_true",
                         help="evaluate on a validation split carved from the train split (never the eval split)")
     args = parser.parse_args(argv)
-    cfg = MovieLensRankingConfig.quick() if args.quick else MovieLensRankingConfig()
-    changes = {"data_dir": args.data, "download": args.download or None,
-               "archs": tuple(args.arch) if args.arch else None, "seeds": tuple(args.seeds) if args.seeds else None,
-               "epochs": args.epochs, "learning_rate": args.lr, "tune": args.tune or None}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    cfg = apply_arguments(MovieLensRankingConfig.quick() if args.quick else MovieLensRankingConfig(), args,
+                          learning_rate=args.lr, tune=args.tune or None)
     run(args.out, cfg)
     return 0
 
