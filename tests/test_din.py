@@ -18,7 +18,7 @@ def make_model(**fields):
     torch.manual_seed(0)
     model = DINModel(DINConfig(num_items=NUM_ITEMS, d_model=8, attention_dims=(8,), mlp_dims=(12, 6), **fields))
     with torch.no_grad():  # the action table's padding row is zero at init: give it values so a mask bug shows
-        model.action_embedding.weight.normal_()
+        model.tokenizer.action_embedding.weight.normal_()
     return model
 
 
@@ -26,7 +26,7 @@ def reference_logits(model, batch):
     """Written out per request, per candidate, per event: w_j = a([h, c, h - c, h * c]), sum_j w_j h_j, tower."""
     out = []
     h, c = batch["hist_offsets"].tolist(), batch["cand_offsets"].tolist()
-    emb_item, emb_action = model.item_embedding.weight, model.action_embedding.weight
+    emb_item, emb_action = model.item_embedding.weight, model.tokenizer.action_embedding.weight
     for r in range(len(h) - 1):
         tokens = [emb_item[i] + emb_action[a] for i, a in zip(batch["hist_item_ids"][h[r]:h[r + 1]],
                                                                batch["hist_actions"][h[r]:h[r + 1]])]
@@ -224,11 +224,11 @@ def test_din_learns_a_planted_interaction_that_mean_pooling_cannot():
 # ---- Transformers4Rec ---------------------------------------------------------------------------------------------
 @pytest.mark.merlin
 def test_t4r_block_is_padding_invariant_and_matches_the_core_model():
-    from merlin_longseq.t4r.din import DINBlock
+    from merlin_longseq.t4r import DINBlock
 
     torch.manual_seed(0)
     block = DINBlock(DINConfig(num_items=NUM_ITEMS, d_model=8, attention_dims=(8,), mlp_dims=(6,)))
-    assert block.din_config.tasks == () and block.output_size() == [None, None, 6]
+    assert block.config.tasks == () and block.output_size() == [None, None, 6]
     assert block.columns.user_id is None  # no user table: the block does not read the column
     hist = torch.tensor([[4, 7, 9, 0], [0, 0, 0, 0], [5, 0, 0, 0]])  # lengths 3, 0, 1
     cands = torch.tensor([[2, 4, 0], [8, 0, 0], [5, 6, 1]])

@@ -3,6 +3,8 @@ import math
 
 import numpy as np
 import pytest
+
+from merlin_longseq.request import RequestBatch, RequestError, validate_request
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -156,10 +158,10 @@ def test_cached_scores_equal_forward():
     full = model(**batch)
     cache = model.encode_user(**history_args(batch))
     # score the candidates in two separate calls against the same cache
-    first = model.score(cache, torch.tensor([5, 6, 7]), torch.tensor([0, 1, 2, 3]))
+    first = model.score_candidates(cache, torch.tensor([5, 6, 7]), torch.tensor([0, 1, 2, 3]))
     rest_ids = torch.cat([batch["cand_item_ids"][1:4], batch["cand_item_ids"][5:7], batch["cand_item_ids"][8:]])
-    rest = model.score(cache, rest_ids, torch.tensor([0, 3, 5, 6]))
-    again = model.score(cache, batch["cand_item_ids"], batch["cand_offsets"])
+    rest = model.score_candidates(cache, rest_ids, torch.tensor([0, 3, 5, 6]))
+    again = model.score_candidates(cache, batch["cand_item_ids"], batch["cand_offsets"])
     torch.testing.assert_close(again, full)
     expected_rest = torch.cat([full[1:4], full[5:7], full[8:]])
     torch.testing.assert_close(rest, expected_rest, atol=1e-6, rtol=1e-5)
@@ -453,20 +455,23 @@ def test_bad_inputs_raise_clear_errors():
         (dict(cand_offsets=torch.tensor([0, 3, 3])), "at least one candidate"),
         (dict(cand_offsets=torch.tensor([0, 3])), "requests"),
         (dict(cand_item_ids=torch.tensor([1, 2, NUM_ITEMS + 1])), "cand_item_ids"),
-        (dict(cand_item_ids=torch.tensor([0, 2, 3])), "cand_item_ids"),
         (dict(hist_item_ids=batch["hist_item_ids"] * 0 - 1), "hist_item_ids"),
         (dict(hist_actions=batch["hist_actions"] * 0 + 9), "hist_actions"),
         (dict(user_ids=None), "user_ids"),
         (dict(user_ids=torch.tensor([1, NUM_USERS + 1])), "user_ids"),
-        (dict(hist_timestamps=batch["hist_timestamps"] + 10**9), "later than its request_time"),
         (dict(hist_item_ids=batch["hist_item_ids"].float()), "integer"),
     ]
     for change, message in cases:
         with pytest.raises(JaggedInputError, match=message):
             model(**dict(batch, **change))
+    # padding ids and future events are request-contract rules: the one validator refuses them
+    for change, message in ((dict(cand_item_ids=torch.tensor([0, 2, 3])), "cand_item_ids"),
+                            (dict(hist_timestamps=batch["hist_timestamps"] + 10**9), "at or after its request_time")):
+        with pytest.raises(RequestError, match=message):
+            validate_request(RequestBatch(**dict(batch, **change)), model.limits)
     cache = model.encode_user(**history_args(batch))
     with pytest.raises(JaggedInputError, match="requests"):
-        model.score(cache, torch.tensor([1]), torch.tensor([0, 1]))
+        model.score_candidates(cache, torch.tensor([1]), torch.tensor([0, 1]))
 
 
 # ------------------------------------------------------------------------------------------- learning

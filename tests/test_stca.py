@@ -194,17 +194,17 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
 
     with pytest.raises(JaggedInputError, match="hist_item_ids must be a 1-D integer"):
         call(hist_item_ids=batch["hist_item_ids"].float())
-    with pytest.raises(JaggedInputError, match="hist_actions has 4 events"):
+    with pytest.raises(JaggedInputError, match="hist_actions holds 4 values"):
         call(hist_actions=batch["hist_actions"][:4])
     with pytest.raises(JaggedInputError, match="hist_offsets: offsets\\[-1\\]"):
         call(hist_offsets=torch.tensor([0, 3, 4]))
-    with pytest.raises(JaggedInputError, match="request_time must be"):
+    with pytest.raises(JaggedInputError, match="request_time holds"):
         call(request_time=torch.tensor([1, 2, 3]))
     with pytest.raises(JaggedInputError, match="hist_item_ids must lie in \\[0, 50\\]"):
         call(hist_item_ids=batch["hist_item_ids"] + 100)
     with pytest.raises(JaggedInputError, match="hist_actions must lie"):
         call(hist_actions=batch["hist_actions"] - 5)
-    with pytest.raises(JaggedInputError, match="needs integer user_ids"):
+    with pytest.raises(JaggedInputError, match="reads user ids"):
         call(user_ids=None)
     with pytest.raises(JaggedInputError, match="cand_offsets describe 1 requests"):
         call(cand_offsets=torch.tensor([0, 3]))

@@ -3,6 +3,8 @@ import copy
 
 import numpy as np
 import pytest
+
+from merlin_longseq.request import RequestError
 import torch
 
 # the same request-grouped parquet (with an empty history and ragged candidate lists) as the STCA block tests
@@ -19,7 +21,7 @@ CONFIG = dict(token_dim=8, merge_size=4, n_heads=2, n_layers=2, num_recent_queri
 def build_model(dataset, tasks, **config):
     import transformers4rec.torch as tr
 
-    from merlin_longseq.t4r.longer import LONGERBlock
+    from merlin_longseq.t4r import LONGERBlock
     from merlin_longseq.t4r.request import RequestBinaryClassificationTask
 
     torch.manual_seed(0)
@@ -35,20 +37,20 @@ def first_batch(dataset, batch_size=16, labels=("click",)):
 
 def test_from_schema_reads_sizes_and_checks_config(requests_dataset):
     from merlin_longseq.models.longer import LONGERConfig
-    from merlin_longseq.t4r.longer import LONGERBlock
-    from merlin_longseq.t4r.request import RequestColumns
+    from merlin_longseq.t4r import LONGERBlock
+    from merlin_longseq.request import RequestColumns
 
     dataset, _ = requests_dataset
     block = LONGERBlock.from_schema(dataset.schema, **CONFIG)
-    cfg = block.longer_config
+    cfg = block.config
     assert (cfg.num_items, cfg.num_actions, cfg.num_users, cfg.num_tasks) == (NUM_ITEMS, 3, NUM_USERS, 0)
     assert "user" in cfg.global_tokens and block.columns.user_id == "user_id"
     assert block.output_size() == [None, None, 16] and block.hidden_dim == 16
     assert set(block.schema.column_names) == {"hist_item_id", "hist_action", "hist_timestamp", "cand_item_id",
                                               "request_time", "user_id"}
     no_user = LONGERBlock.from_schema(dataset.schema, use_user_id=False, **CONFIG)
-    assert no_user.longer_config.num_users == 0 and no_user.columns.user_id is None
-    assert not {"user", "target_x_user"} & set(no_user.longer_config.global_tokens)
+    assert no_user.config.num_users == 0 and no_user.columns.user_id is None
+    assert not {"user", "target_x_user"} & set(no_user.config.global_tokens)
     # global tokens that do not read the user id: the block does not ask for the column
     plain = LONGERBlock.from_schema(dataset.schema, global_tokens=("target", "cls"), **CONFIG)
     assert plain.columns.user_id is None
@@ -60,7 +62,7 @@ def test_from_schema_reads_sizes_and_checks_config(requests_dataset):
         LONGERBlock.from_schema(dataset.schema, **{**CONFIG, "n_heads": 5})
     with pytest.raises(ValueError, match="lacks the request columns \\['hist_timestamp'\\]"):
         LONGERBlock.from_schema(dataset.schema.without(["hist_timestamp"]), **CONFIG)
-    with pytest.raises(ValueError, match="user id column"):
+    with pytest.raises(ValueError, match="columns.user_id is None"):
         LONGERBlock(LONGERConfig(num_items=NUM_ITEMS, num_users=5), RequestColumns(user_id=None))
 
 
@@ -160,7 +162,7 @@ def test_cached_user_side_scores_equal_the_block_and_the_reference(requests_data
         through_block = block(inputs)  # [B, C, hidden]
         probabilities = model(inputs)
         # the plain model path: no KV cache, no split softmax, every candidate with its own copy of the history
-        request = block.request_inputs(inputs)
+        request = block.request_batch(inputs)
         reference = block.model.forward_reference(**request.history, cand_item_ids=request.cand_item_ids,
                                                   cand_offsets=request.cand_offsets, hidden=True)
         real = cand != 0
@@ -220,9 +222,9 @@ def test_block_input_errors(requests_dataset):
     dataset, _ = requests_dataset
     model, block = build_model(dataset, ["click"])
     inputs, targets = first_batch(dataset, batch_size=8)
-    with pytest.raises(KeyError, match="LONGERBlock needs the input column 'hist_action'"):
+    with pytest.raises(RequestError, match="needs the input column .hist_action."):
         block({k: v for k, v in inputs.items() if k != "hist_action"})
-    with pytest.raises(TypeError, match="pad_value=0"):
+    with pytest.raises(RequestError, match="pad_value=0"):
         block({**inputs, "cand_item_id": inputs["cand_item_id"].double()})
     with pytest.raises(ValueError, match="aligned with cand_item_id"):
         model(inputs, targets={"click": targets["click"][:, :1]}, training=True)
@@ -239,12 +241,9 @@ def test_stca_and_longer_blocks_swap_in_one_line(requests_dataset):
     """The same loader, head and tasks take either block (the STCA-vs-LONGER comparison relies on it)."""
     import transformers4rec.torch as tr
 
-    from merlin_longseq.t4r.longer import LONGERBlock
+    from merlin_longseq.t4r import LONGERBlock
     from merlin_longseq.t4r.request import RequestBinaryClassificationTask
-    from merlin_longseq.t4r.stca import STCABlock
-    from merlin_longseq.t4r.stca import RequestBinaryClassificationTask as FromSTCA
-
-    assert FromSTCA is RequestBinaryClassificationTask  # the old import path still works
+    from merlin_longseq.t4r import STCABlock
     dataset, _ = requests_dataset
     inputs, targets = first_batch(dataset)
     for block in (STCABlock.from_schema(dataset.schema, d_model=8, mlp_dims=(8,)),
@@ -253,9 +252,9 @@ def test_stca_and_longer_blocks_swap_in_one_line(requests_dataset):
         out = model(inputs, targets=targets, training=True)
         assert out["predictions"].shape == (int((inputs["cand_item_id"] != 0).sum()),)
     # two request blocks in one body is ambiguous for the task
-    from merlin_longseq.t4r.request import _find_request_block
+    from merlin_longseq.t4r.request import find_request_block
 
     with pytest.raises(ValueError, match="exactly one request block"):
-        _find_request_block(torch.nn.ModuleList([block, copy.deepcopy(block)]))
-    assert _find_request_block(torch.nn.ModuleList([block])) is block
+        find_request_block(torch.nn.ModuleList([block, copy.deepcopy(block)]))
+    assert find_request_block(torch.nn.ModuleList([block])) is block
     assert np.isfinite(float(out["loss"]))

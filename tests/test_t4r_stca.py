@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+
+from merlin_longseq.request import RequestError
 import torch
 
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions
@@ -65,7 +67,7 @@ def requests_dataset(tmp_path_factory):
 def build_model(dataset, tasks, **config):
     import transformers4rec.torch as tr
 
-    from merlin_longseq.t4r.stca import RequestBinaryClassificationTask, STCABlock
+    from merlin_longseq.t4r import RequestBinaryClassificationTask, STCABlock
 
     torch.manual_seed(0)
     values = dict(d_model=16, n_heads=2, n_layers=2, mlp_dims=(16,), backend="pytorch")
@@ -77,7 +79,7 @@ def build_model(dataset, tasks, **config):
 def test_loader_gives_padded_request_batches(requests_dataset):
     from merlin.schema import Tags
 
-    from merlin_longseq.t4r.stca import request_dataloader
+    from merlin_longseq.t4r import request_dataloader
 
     dataset, frame = requests_dataset
     loader = request_dataloader(dataset, batch_size=16, label_columns=["click", "like"])
@@ -104,16 +106,19 @@ def test_loader_gives_padded_request_batches(requests_dataset):
 def test_from_schema_reads_sizes_and_checks_columns(requests_dataset):
     from merlin.schema import ColumnSchema, Schema
 
-    from merlin_longseq.t4r.stca import STCABlock
+    from merlin_longseq.t4r import STCABlock
 
     dataset, _ = requests_dataset
     block = STCABlock.from_schema(dataset.schema, d_model=8, mlp_dims=(8,))
-    cfg = block.stca_config
+    cfg = block.config
     assert (cfg.num_items, cfg.num_actions, cfg.num_users, cfg.tasks) == (NUM_ITEMS, 3, NUM_USERS, ())
     assert block.output_size() == [None, None, 8]
-    assert STCABlock.from_schema(dataset.schema, use_user_id=False, d_model=8).stca_config.num_users == 0
-    with pytest.raises(ValueError, match="lacks the request columns \\['hist_action'\\]"):
-        STCABlock.from_schema(dataset.schema.without(["hist_action"]), d_model=8)
+    assert STCABlock.from_schema(dataset.schema, use_user_id=False, d_model=8).config.num_users == 0
+    # an event log without actions is usable: every event gets the "unknown" action 0
+    no_actions = STCABlock.from_schema(dataset.schema.without(["hist_action"]), d_model=8)
+    assert no_actions.columns.hist_action is None and no_actions.config.num_actions == 0
+    with pytest.raises(ValueError, match="lacks the request columns \\['hist_timestamp'\\]"):
+        STCABlock.from_schema(dataset.schema.without(["hist_timestamp"]), d_model=8)
     schema = Schema(list(dataset.schema))  # a copy: the fixture's schema is shared by the other tests
     schema["hist_item_id"] = ColumnSchema("hist_item_id", dtype=schema["hist_item_id"].dtype, is_list=True,
                                           is_ragged=True)
@@ -134,7 +139,7 @@ def _epoch(model, loader, optimizer=None):
 
 
 def test_plain_loop_single_task_masks_padding_and_learns(requests_dataset):
-    from merlin_longseq.t4r.stca import request_dataloader
+    from merlin_longseq.t4r import request_dataloader
 
     dataset, _ = requests_dataset
     loader = request_dataloader(dataset, batch_size=16, label_columns=["click"])
@@ -165,7 +170,7 @@ def test_plain_loop_single_task_masks_padding_and_learns(requests_dataset):
 
 
 def test_two_label_multitask_and_model_evaluate(requests_dataset):
-    from merlin_longseq.t4r.stca import request_dataloader
+    from merlin_longseq.t4r import request_dataloader
 
     dataset, _ = requests_dataset
     loader = request_dataloader(dataset, batch_size=16, label_columns=["click", "like"], shuffle=True)
@@ -201,7 +206,7 @@ def test_two_label_multitask_and_model_evaluate(requests_dataset):
 def test_t4r_trainer_trains_and_evaluates(requests_dataset, tmp_path):
     import transformers4rec.torch as tr
 
-    from merlin_longseq.t4r.stca import request_dataloader
+    from merlin_longseq.t4r import request_dataloader
 
     dataset, _ = requests_dataset
     train = request_dataloader(dataset, batch_size=16, label_columns=["click", "like"], shuffle=True)
@@ -222,14 +227,14 @@ def test_t4r_trainer_trains_and_evaluates(requests_dataset, tmp_path):
 
 
 def test_block_input_errors(requests_dataset):
-    from merlin_longseq.t4r.stca import request_dataloader
+    from merlin_longseq.t4r import request_dataloader
 
     dataset, _ = requests_dataset
     model, block = build_model(dataset, ["click"])
     inputs, targets = next(iter(request_dataloader(dataset, batch_size=8, label_columns=["click"])))
-    with pytest.raises(KeyError, match="needs the input column 'hist_action'"):
+    with pytest.raises(RequestError, match="needs the input column .hist_action."):
         block({k: v for k, v in inputs.items() if k != "hist_action"})
-    with pytest.raises(TypeError, match="pad_value=0"):
+    with pytest.raises(RequestError, match="pad_value=0"):
         block({**inputs, "cand_item_id": inputs["cand_item_id"].double()})
     with pytest.raises(ValueError, match="aligned with cand_item_id"):
         model(inputs, targets={"click": targets["click"][:, :1]}, training=True)

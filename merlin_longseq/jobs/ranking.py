@@ -38,10 +38,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from merlin_longseq import registry
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions
 from merlin_longseq.extrapolation import BetaLengthSampler
 
-ARCHS = ("stca", "mean-pool", "longer", "din")
+ARCHS = registry.names(registry.RANKING)
 DEFAULT_ARCHS = ("stca", "mean-pool", "longer")  # the demo's comparison; din on request
 WINDOW_AT = ("etl", "loader")
 
@@ -197,28 +198,11 @@ def _all_rows(*frames):
 # ---- models -----------------------------------------------------------------------------------------------------
 def build_block(arch: str, schema, cfg: RankingJobConfig):
     """The request block of `arch` from the request schema (the one changed line between archs)."""
+    from merlin_longseq.t4r.request import block_for
+
     options = dict(cfg.arch_options.get(arch, {}))
     options.setdefault("num_actions", 3)  # RequestGrouping passes the raw action column through (no domain)
-    if arch == "stca":
-        from merlin_longseq.t4r.stca import STCABlock
-
-        return STCABlock.from_schema(schema, use_user_id=cfg.use_user_id, **options)
-    if arch == "mean-pool":
-        from merlin_longseq.t4r.pooling import MeanPoolBlock
-
-        return MeanPoolBlock.from_schema(schema, use_user_id=cfg.use_user_id, **options)
-    if arch == "din":
-        from merlin_longseq.t4r.din import DINBlock
-
-        return DINBlock.from_schema(schema, use_user_id=cfg.use_user_id, **options)
-    if arch == "longer":
-        try:
-            from merlin_longseq.t4r.longer import LONGERBlock
-        except ImportError as err:
-            raise RuntimeError(f"arch 'longer' needs merlin_longseq.t4r.longer.LONGERBlock, which did not import "
-                               f"({err}); run the other archs with --arch stca --arch mean-pool") from err
-        return LONGERBlock.from_schema(schema, use_user_id=cfg.use_user_id, **options)
-    raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    return block_for(arch).from_schema(schema, use_user_id=cfg.use_user_id, **options)
 
 
 def build_model(arch: str, schema, cfg: RankingJobConfig):

@@ -28,7 +28,7 @@ from torch import nn
 
 from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, offsets_from_lengths, validate_offsets
 from merlin_longseq.models.pooling import MeanPoolConfig, MeanPoolModel, request_of_candidates
-from merlin_longseq.models.request_checks import check_candidates
+from merlin_longseq.request import check_candidates
 
 
 @dataclass
@@ -138,7 +138,7 @@ class DINModel(MeanPoolModel):
 
     def candidate_hidden(self, state: DINUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim]."""
-        check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
+        check_candidates(self.limits, cand_item_ids, cand_offsets, state.num_requests)
         target = self.item_embedding(cand_item_ids)  # c [T, d]
         interest = target_weighted_pool(state.tokens, state.history_offsets, target, cand_offsets,
                                         self.attention)  # u_c [T, d]

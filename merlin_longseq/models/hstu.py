@@ -15,7 +15,7 @@ ULTRA-HSTU options (arXiv 2602.16986), all on the same encoder:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,11 @@ class HSTUConfig:
             raise ValueError(f"local_window must be >= 1 (or None for full attention), got {self.local_window}")
         if self.global_prefix < 0:
             raise ValueError(f"global_prefix must be >= 0, got {self.global_prefix}")
+        if self.global_prefix and self.local_window is None:
+            # with full attention every earlier token is visible already: a prefix alone would do nothing
+            raise ValueError(f"global_prefix={self.global_prefix} needs local_window (semi-local attention = "
+                             "the K1 most recent tokens + the K2 first ones); without local_window attention "
+                             "is full and global_prefix would be ignored")
         if self.truncated_len is not None and self.truncated_len < 1:
             raise ValueError(f"truncated_len must be >= 1, got {self.truncated_len}")
         self.attn_dim = self.attn_dim or max(1, self.d_model // self.n_heads)
@@ -84,6 +89,46 @@ class HSTUConfig:
         if self.num_transducers < 1:
             raise ValueError("num_transducers must be >= 1")
         Backend.parse(self.backend)
+
+    @classmethod
+    def build(cls, d_model: int, n_head: int, n_layer: int, total_seq_length: int | None = None,
+              **kwargs) -> "HSTUConfig":
+        """HSTUConfig with the signature of every Transformers4Rec config (`tr.XLNetConfig.build(...)`).
+
+        - total_seq_length becomes max_seq_len: N of the 1/N attention normaliser, and the longest session.
+        - dropout keeps HSTU's own default (0.1) unless passed. T4R's configs default to 0.3, which cost HSTU
+          about a quarter of its accuracy, so it is never inherited.
+        - attn_type (XLNet's keyword): "uni" -> causal, "bi" -> bidirectional (HSTUBlock refuses that under
+          causal masking).
+        - hidden_act, initializer_range, layer_norm_eps, pad_token, log_attention_weights and mem_len are
+          accepted and ignored: HSTU's activation is SiLU, its norms and weights use PyTorch defaults, and its
+          padding comes from the masking module.
+        - any HSTUConfig field (local_window, num_time_buckets, backend, ...) passes through.
+        """
+        if total_seq_length is None:
+            raise ValueError("HSTUConfig.build needs total_seq_length: it is N, the attention normaliser, and must "
+                             "be fixed (the padded session length, e.g. the input module's max_sequence_length)")
+        if "max_seq_len" in kwargs:
+            raise ValueError("pass total_seq_length (T4R's name) or build HSTUConfig(max_seq_len=...), not both")
+        for name in _T4R_IGNORED_KEYWORDS:
+            kwargs.pop(name, None)
+        attn_type = kwargs.pop("attn_type", None)
+        if attn_type is not None:
+            if attn_type not in ("uni", "bi"):
+                raise ValueError(f"attn_type must be 'uni' (causal) or 'bi' (bidirectional), got {attn_type!r}")
+            if "causal" in kwargs and kwargs["causal"] != (attn_type == "uni"):
+                raise ValueError(f"attn_type={attn_type!r} contradicts causal={kwargs['causal']}")
+            kwargs["causal"] = attn_type == "uni"
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"HSTUConfig.build got unknown keyword(s) {unknown}; HSTUConfig fields are "
+                            f"{[f.name for f in fields(cls)]}")
+        return cls(d_model=d_model, n_heads=n_head, n_layers=n_layer, max_seq_len=int(total_seq_length), **kwargs)
+
+
+# Transformers4Rec build() keywords that have no HSTU counterpart (see HSTUConfig.build)
+_T4R_IGNORED_KEYWORDS = ("hidden_act", "initializer_range", "layer_norm_eps", "pad_token", "log_attention_weights",
+                         "mem_len")
 
 
 class HSTULayer(nn.Module):

@@ -79,6 +79,7 @@ plain way (one masked attention per candidate in layer 1) and exists to check th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -91,17 +92,17 @@ from torch.utils.checkpoint import checkpoint
 
 from merlin_longseq.backend import Backend, resolve_backend
 from merlin_longseq.buckets import log2_buckets
+from merlin_longseq.models.tokenizer import HistoryTokenizer
+from merlin_longseq.request import RequestError, RequestLimits, check_candidates, check_history
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
 from merlin_longseq.ops.group_attention import group_attention
 from merlin_longseq.ops.target_attention import target_attention
 from merlin_longseq.jagged import (
-    JaggedInputError,
     jagged_positions,
     jagged_to_padded,
     lengths_from_offsets,
     offsets_from_lengths,
     padding_mask,
-    validate_offsets,
 )
 
 MERGE_MODES = ("inner", "mean", "concat")
@@ -182,6 +183,12 @@ class LONGERConfig:
     @property
     def num_global_tokens(self) -> int:
         return len(self.global_tokens)
+
+    def headless(self) -> "LONGERConfig":
+        return dataclasses.replace(self, num_tasks=0)
+
+    def with_tasks(self, names) -> "LONGERConfig":
+        return dataclasses.replace(self, num_tasks=len(tuple(names)))
 
     @property
     def uses_users(self) -> bool:
@@ -333,34 +340,6 @@ class SelfAttentionBlock(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------- history tokens
-
-
-class HistoryTokenizer(nn.Module):
-    """Event tokens [N, d] = item + action + time-to-request bucket + recency-rank bucket embeddings."""
-
-    def __init__(self, cfg: LONGERConfig):
-        super().__init__()
-        d = cfg.token_dim
-        self.num_time_buckets, self.num_rank_buckets = cfg.num_time_buckets, cfg.num_rank_buckets
-        self.item = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
-        self.action = nn.Embedding(cfg.num_actions + 1, d, padding_idx=0)
-        self.time_bucket = nn.Embedding(cfg.num_time_buckets, d)
-        self.rank_bucket = nn.Embedding(cfg.num_rank_buckets, d)
-        nn.init.normal_(self.item.weight, std=1.0)  # unit scale: see "Scales and initialisation"
-        with torch.no_grad():
-            self.item.weight[0].zero_()
-        # context tables start at zero: a bucket that training never reached (a longer history than any
-        # trained on) adds nothing instead of noise
-        for table in (self.action, self.time_bucket, self.rank_bucket):
-            nn.init.zeros_(table.weight)
-
-    def forward(self, item_ids, actions, timestamps, offsets, request_time):
-        seq_index, positions = jagged_positions(offsets)
-        rank = lengths_from_offsets(offsets)[seq_index] - 1 - positions  # 0 = most recent
-        age = request_time[seq_index] - timestamps
-        return (self.item(item_ids) + self.action(actions)
-                + self.time_bucket(log2_buckets(age, self.num_time_buckets))
-                + self.rank_bucket(log2_buckets(rank, self.num_rank_buckets)))
 
 
 def group_history(tokens: torch.Tensor, offsets: torch.Tensor, merge_size: int):
@@ -580,7 +559,8 @@ class LONGERModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.tokenizer = HistoryTokenizer(cfg)
+        self.item_embedding = _item_table(cfg.num_items, cfg.token_dim)
+        self.tokenizer = HistoryTokenizer(cfg.token_dim, cfg.num_actions, cfg.num_time_buckets, cfg.num_rank_buckets)
         self.merge = TokenMerge(cfg)
         kinds = cfg.global_tokens
         self.target_proj = nn.Linear(cfg.token_dim, d) if any(k in _TARGET_KINDS for k in kinds) else None
@@ -614,11 +594,22 @@ class LONGERModel(nn.Module):
 
     # ---- public API
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits.of(self.cfg)
+
+    @property
+    def task_head(self) -> nn.Linear:
+        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
+        if self.cfg.num_tasks == 0:
+            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+        return self.head[2]
+
     def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                 cand_item_ids, cand_offsets, user_ids=None):
         """-> logits [C, num_tasks] for every candidate, in the order of cand_item_ids."""
         cache = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        return self.score(cache, cand_item_ids, cand_offsets)
+        return self.score_candidates(cache, cand_item_ids, cand_offsets)
 
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                     user_ids=None) -> UserCache:
@@ -630,7 +621,7 @@ class LONGERModel(nn.Module):
                 self.layer1.encode_memory, merged, merged_valid, recent_pos, recent_valid)
             return UserCache(key, value, merged_valid, recent_state, recent_query, recent_valid, partial, features)
 
-    def score(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs: bool = True):
+    def score_candidates(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs: bool = True):
         """Candidates of the cached requests -> logits [C, num_tasks] (float32)."""
         self._need_heads()
         return self._score(cache, cand_item_ids, cand_offsets, check_inputs, hidden=False)
@@ -642,7 +633,7 @@ class LONGERModel(nn.Module):
 
     def _score(self, cache: UserCache, cand_item_ids, cand_offsets, check_inputs, hidden):
         if check_inputs:
-            _check_candidates(self.cfg, cand_item_ids, cand_offsets, cache.num_requests)
+            _check_candidates(self.limits, cand_item_ids, cand_offsets, cache.num_requests)
         request_index, _ = jagged_positions(cand_offsets)
         with self._autocast(cand_item_ids.device):
             target_emb, global_tokens = self._global_tokens(cand_item_ids, cache.features.index(request_index))
@@ -662,7 +653,7 @@ class LONGERModel(nn.Module):
         with self._autocast(hist_offsets.device):
             merged, merged_valid, recent_pos, recent_valid, features = self._prepare_request(
                 hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-            _check_candidates(self.cfg, cand_item_ids, cand_offsets, merged.shape[0])
+            _check_candidates(self.limits, cand_item_ids, cand_offsets, merged.shape[0])
             request_index, _ = jagged_positions(cand_offsets)
             target_emb, global_tokens = self._global_tokens(cand_item_ids, features.index(request_index))
             m, num_cand = global_tokens.shape[1], global_tokens.shape[0]
@@ -708,13 +699,14 @@ class LONGERModel(nn.Module):
         """History -> merged tokens [R, P, d] (+ valid [R, P]), recent query positions [R, Q] (+ valid) and the
         RequestFeatures of the global tokens."""
         cfg = self.cfg
-        _check_history(cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and cfg.length_sampler is not None:
             new_lengths = cfg.length_sampler.sample(lengths_from_offsets(hist_offsets))
             keep, hist_offsets = keep_recent(hist_offsets, new_lengths)
             hist_item_ids, hist_actions, hist_timestamps = (t[keep] for t in (hist_item_ids, hist_actions,
                                                                              hist_timestamps))
-        tokens = self.tokenizer(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time)  # [N, d]
+        tokens = self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps, hist_offsets,
+                                request_time)  # [N, d]
         groups, slot_valid, group_offsets = group_history(tokens, hist_offsets, cfg.merge_size)
         merged = self.merged_norm(self._maybe_checkpoint(self.merge, groups, slot_valid))  # [G, d_model]
         num_groups = lengths_from_offsets(group_offsets)
@@ -742,7 +734,7 @@ class LONGERModel(nn.Module):
     def _global_tokens(self, cand_item_ids, features: RequestFeatures):
         """features: per candidate (already indexed by request) -> (target item embedding [C, token_dim],
         global tokens [C, m, d_model] in config order)."""
-        target_emb = self.tokenizer.item(cand_item_ids)
+        target_emb = self.item_embedding(cand_item_ids)
         target_vec = self.target_proj(target_emb) if self.target_proj is not None else None
         tokens = []
         for kind in self.cfg.global_tokens:
@@ -826,10 +818,8 @@ class FullSequenceTransformer(nn.Module):
         self.cfg, self.width = cfg, width
         self.num_tasks = max(1, cfg.num_tasks)
         self.num_global = max(1, cfg.num_global_tokens)
-        token_cfg = LONGERConfig(num_items=cfg.num_items, num_actions=cfg.num_actions, token_dim=width,
-                                 merge_mode="mean", n_heads=1, global_tokens=(),
-                                 num_time_buckets=cfg.num_time_buckets, num_rank_buckets=cfg.num_rank_buckets)
-        self.tokenizer = HistoryTokenizer(token_cfg)
+        self.item_embedding = _item_table(cfg.num_items, width)
+        self.tokenizer = HistoryTokenizer(width, cfg.num_actions, cfg.num_time_buckets, cfg.num_rank_buckets)
         self.global_vectors = nn.Parameter(0.02 * torch.randn(self.num_global - 1, width))
         self.layers = nn.ModuleList(
             SelfAttentionBlock(width, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_layers))
@@ -851,9 +841,9 @@ class FullSequenceTransformer(nn.Module):
         autocast = (torch.autocast(device_type=hist_item_ids.device.type, dtype=torch.bfloat16)
                     if self.cfg.mixed_precision else contextlib.nullcontext())
         with autocast:
-            events = self.tokenizer(hist_item_ids.reshape(-1), hist_actions.reshape(-1),
+            events = self.tokenizer(self.item_embedding(hist_item_ids.reshape(-1)), hist_actions.reshape(-1),
                                     hist_timestamps.reshape(-1), offsets, request_time)  # [S * L, w]
-            target = self.tokenizer.item(cand_item_ids).unsqueeze(1)  # [S, 1, w]
+            target = self.item_embedding(cand_item_ids).unsqueeze(1)  # [S, 1, w]
             learned = self.global_vectors.to(target.dtype).expand(samples, -1, -1)  # [S, m - 1, w]
             x = torch.cat([events.view(samples, length, -1), target, learned], dim=1)  # [S, L + m, w]
             for layer in self.layers:
@@ -871,49 +861,19 @@ class FullSequenceTransformer(nn.Module):
 # ------------------------------------------------------------------------------------------ input checks
 
 
-def _check_ids(name, ids, low, high):
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise JaggedInputError(f"{name} must be an integer tensor, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < low or int(ids.max()) > high):
-        raise JaggedInputError(f"{name} must lie in [{low}, {high}], got [{int(ids.min())}, {int(ids.max())}]")
-
-
-def _check_history(cfg, item_ids, actions, timestamps, offsets, request_time, user_ids):
-    if item_ids.dim() != 1:
-        raise JaggedInputError(f"hist_item_ids must be 1-D [N], got shape {tuple(item_ids.shape)}")
-    for name, t in (("hist_actions", actions), ("hist_timestamps", timestamps)):
-        if t.shape != item_ids.shape:
-            raise JaggedInputError(f"{name} must have the shape of hist_item_ids {tuple(item_ids.shape)}, "
-                                   f"got {tuple(t.shape)}")
-    validate_offsets(offsets, total=item_ids.shape[0])
-    num_requests = offsets.numel() - 1
-    if request_time.shape != (num_requests,):
-        raise JaggedInputError(f"request_time must be [R] = [{num_requests}], got {tuple(request_time.shape)}")
-    _check_ids("hist_item_ids", item_ids, 0, cfg.num_items)
-    _check_ids("hist_actions", actions, 0, cfg.num_actions)
-    if item_ids.numel():
-        seq_index, _ = jagged_positions(offsets)
-        if bool((timestamps > request_time[seq_index]).any()):
-            raise JaggedInputError("a history event is later than its request_time (label leakage?)")
-    if cfg.uses_users:
-        if user_ids is None:
-            raise JaggedInputError(f"global tokens {cfg.global_tokens} need user_ids [R]")
-        if user_ids.shape != (num_requests,):
-            raise JaggedInputError(f"user_ids must be [R] = [{num_requests}], got {tuple(user_ids.shape)}")
-        _check_ids("user_ids", user_ids, 0, cfg.num_users)
-
-
-def _check_candidates(cfg, cand_item_ids, cand_offsets, num_requests):
-    if cand_item_ids.dim() != 1:
-        raise JaggedInputError(f"cand_item_ids must be 1-D [C], got shape {tuple(cand_item_ids.shape)}")
-    validate_offsets(cand_offsets, total=cand_item_ids.shape[0])
-    if cand_offsets.numel() - 1 != num_requests:
-        raise JaggedInputError(f"cand_offsets describes {cand_offsets.numel() - 1} requests, "
-                               f"the history {num_requests}")
+def _check_candidates(limits, cand_item_ids, cand_offsets, num_requests):
+    check_candidates(limits, cand_item_ids, cand_offsets, num_requests)
     counts = lengths_from_offsets(cand_offsets)
     if counts.numel() and int(counts.min()) < 1:
-        raise JaggedInputError("every request needs at least one candidate")
-    _check_ids("cand_item_ids", cand_item_ids, 1, cfg.num_items)
+        raise RequestError("every request needs at least one candidate")
+
+
+def _item_table(num_items: int, dim: int) -> nn.Embedding:
+    table = nn.Embedding(num_items + 1, dim, padding_idx=0)
+    nn.init.normal_(table.weight, std=1.0)  # unit scale: see "Scales and initialisation"
+    with torch.no_grad():
+        table.weight[0].zero_()
+    return table
 
 
 # ------------------------------------------------------------------------------------------------- FLOPs
@@ -969,7 +929,6 @@ __all__ = [
     "GLOBAL_TOKEN_KINDS",
     "MERGE_MODES",
     "RequestFeatures",
-    "HistoryTokenizer",
     "HybridCrossLayer",
     "FullSequenceTransformer",
     "LONGERConfig",

@@ -11,6 +11,7 @@ it blurs which items the user met, which is what the attention models are measur
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
 from merlin_longseq.jagged import lengths_from_offsets
-from merlin_longseq.models.request_checks import check_candidates, check_history
+from merlin_longseq.models.tokenizer import HistoryTokenizer
+from merlin_longseq.request import RequestLimits, check_candidates, check_history
 
 
 @dataclass
@@ -54,6 +56,16 @@ class MeanPoolConfig:
     def num_tasks(self) -> int:
         return len(self.tasks)
 
+    @property
+    def uses_users(self) -> bool:
+        return self.num_users > 0
+
+    def headless(self):
+        return dataclasses.replace(self, tasks=())
+
+    def with_tasks(self, names):
+        return dataclasses.replace(self, tasks=tuple(names))
+
 
 @dataclass
 class MeanPoolUserState:
@@ -71,7 +83,8 @@ class MeanPoolModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
-        self.action_embedding = nn.Embedding(cfg.num_actions + 1, d, padding_idx=0)
+        # item + action only (no time or recency buckets): the plain baseline; actions start random as before
+        self.tokenizer = HistoryTokenizer(d, cfg.num_actions, zero_init=False)
         self.user_embedding = nn.Embedding(cfg.num_users + 1, d, padding_idx=0) if cfg.num_users else None
         layers, width = [], (3 + bool(cfg.num_users)) * d
         for size in cfg.mlp_dims:
@@ -81,18 +94,31 @@ class MeanPoolModel(nn.Module):
         self.hidden_dim = width
         self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits.of(self.cfg)
+
+    @property
+    def task_head(self) -> nn.Linear:
+        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
+        if self.cfg.num_tasks == 0:
+            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+        return self.heads
+
     # ---- pieces shared with the pooling variants (DIN): checked history tokens and the tower
 
     def history_tokens(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                        user_ids=None):
         """Checked inputs -> (event tokens [N, d], hist_offsets (after the training-time length sampler),
         user tokens [R, d] or None). Timestamps are accepted for interface parity and not used."""
-        check_history(self.cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and self.cfg.length_sampler is not None:
             kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
                 lengths_from_offsets(hist_offsets)))
             hist_item_ids, hist_actions = hist_item_ids[kept], hist_actions[kept]
-        tokens = self.item_embedding(hist_item_ids) + self.action_embedding(hist_actions)  # [N, d]
+            hist_timestamps = hist_timestamps[kept] if hist_timestamps is not None else None
+        tokens = self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps, hist_offsets,
+                                request_time)  # [N, d]
         user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
         return tokens, hist_offsets, user_tokens
 
@@ -120,7 +146,7 @@ class MeanPoolModel(nn.Module):
 
     def candidate_hidden(self, state: MeanPoolUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim]."""
-        check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
+        check_candidates(self.limits, cand_item_ids, cand_offsets, state.num_requests)
         request_of = request_of_candidates(state.num_requests, cand_offsets)
         return self.tower_hidden(state.pooled[request_of], self.item_embedding(cand_item_ids), state.user_tokens,
                                  request_of)

@@ -36,6 +36,7 @@ Length extrapolation: `length_sampler` (training only) keeps the most recent Bet
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_longseq.backend import Backend
-from merlin_longseq.buckets import log2_buckets
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
 from merlin_longseq.jagged import jagged_positions, lengths_from_offsets, offsets_from_lengths, \
     validate_offsets
-from merlin_longseq.models.request_checks import check_candidates, check_history
+from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
+from merlin_longseq.request import RequestLimits, check_candidates, check_history
 
 
 @dataclass
@@ -94,6 +95,16 @@ class STCAConfig:
     @property
     def num_tasks(self) -> int:
         return len(self.tasks)
+
+    @property
+    def uses_users(self) -> bool:
+        return self.num_users > 0
+
+    def headless(self) -> "STCAConfig":
+        return dataclasses.replace(self, tasks=())
+
+    def with_tasks(self, names) -> "STCAConfig":
+        return dataclasses.replace(self, tasks=tuple(names))
 
 
 @dataclass
@@ -146,30 +157,6 @@ class SwiGLU(nn.Module):
         return x + out if self.residual else out
 
 
-class HistoryTokenizer(nn.Module):
-    """Item vector + action + time-to-request bucket + recency-rank bucket, summed into one token per event.
-
-    The item vectors come in from the model, whose item table the candidates share.
-    """
-
-    def __init__(self, cfg: STCAConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.action_embedding = nn.Embedding(cfg.num_actions + 1, cfg.d_model, padding_idx=0)
-        self.time_embedding = nn.Embedding(cfg.num_time_buckets, cfg.d_model)
-        self.recency_embedding = nn.Embedding(cfg.num_rank_buckets, cfg.d_model)
-        for context in (self.action_embedding, self.time_embedding, self.recency_embedding):
-            nn.init.zeros_(context.weight)
-
-    def forward(self, item_vectors, actions, timestamps, offsets, request_time):
-        seq_index, positions = jagged_positions(offsets)  # [total], [total]
-        rank = lengths_from_offsets(offsets)[seq_index] - 1 - positions  # 0 = most recent
-        time_to_request = request_time[seq_index].to(torch.int64) - timestamps.to(torch.int64)
-        return (item_vectors + self.action_embedding(actions)
-                + self.time_embedding(log2_buckets(time_to_request, self.cfg.num_time_buckets))
-                + self.recency_embedding(log2_buckets(rank, self.cfg.num_rank_buckets)))
-
-
 class STCALayer(nn.Module):
     """One stacked cross-attention layer: its own re-projection of the history and its own query path."""
 
@@ -218,7 +205,7 @@ class STCAModel(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
-        self.tokenizer = HistoryTokenizer(cfg)
+        self.tokenizer = HistoryTokenizer(d, cfg.num_actions, cfg.num_time_buckets, cfg.num_rank_buckets)
         self.user_embedding = nn.Embedding(cfg.num_users + 1, d, padding_idx=0) if cfg.num_users else None
         self.query_ffn = SwiGLU(d, int(cfg.ffn_mult * d), cfg.residual_ffn)
         self.query_norm = nn.LayerNorm(d)
@@ -231,11 +218,22 @@ class STCAModel(nn.Module):
         self.hidden_dim = width
         self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None  # row t = task t's head
 
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits.of(self.cfg)
+
+    @property
+    def task_head(self) -> nn.Linear:
+        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
+        if self.cfg.num_tasks == 0:
+            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+        return self.heads
+
     # ---- user side: once per request -------------------------------------------------------------------
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                     user_ids=None) -> STCAUserState:
         """Per-layer K/V of every request's history (and its user token): cache this to serve."""
-        check_history(self.cfg, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         if self.training and self.cfg.length_sampler is not None:
             kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
                 lengths_from_offsets(hist_offsets)))
@@ -250,7 +248,7 @@ class STCAModel(nn.Module):
     # ---- candidate side --------------------------------------------------------------------------------
     def candidate_hidden(self, state: STCAUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim] (the input of the task heads)."""
-        check_candidates(self.cfg, cand_item_ids, cand_offsets, state.num_requests)
+        check_candidates(self.limits, cand_item_ids, cand_offsets, state.num_requests)
         lengths = lengths_from_offsets(state.history_offsets)
         max_history_len = int(lengths.max()) if lengths.numel() else 0
         target = self.item_embedding(cand_item_ids)  # x_t [T, d]

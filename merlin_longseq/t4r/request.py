@@ -1,21 +1,21 @@
-"""What every request-level ranking block shares in Transformers4Rec: the data contract, the block base, the
-masked binary task and the loader (STCABlock and LONGERBlock are built on these).
+"""The request-level ranking architectures in Transformers4Rec: one block class, the masked task, the loader.
 
-One row per request (the data contract): user_id, request_time, hist_item_id / hist_action / hist_timestamp
-(lists, most recent last, may be empty), cand_item_id (list, >= 1) and one list label column per task
-(click, like, ...) aligned with cand_item_id.
+One row per request (the request core's contract, merlin_longseq.request.RequestColumns): user_id,
+request_time, hist_item_id / hist_action / hist_timestamp (lists, oldest first, may be empty), cand_item_id
+(list, >= 1) and one list label column per task (click, like, ...) aligned with cand_item_id.
 
     loader = request_dataloader(dataset, batch_size=64, label_columns=["click", "like"])
-    block = STCABlock.from_schema(dataset.schema, d_model=64)      # or LONGERBlock.from_schema(...)
-    head = tr.Head(block, [RequestBinaryClassificationTask("click"), RequestBinaryClassificationTask("like")])
-    model = tr.Model(head)
-    for inputs, targets in loader:
-        loss = model(inputs, targets=targets, training=True)["loss"]
+    block = STCABlock.from_schema(dataset.schema, d_model=64)     # or LONGERBlock / MeanPoolBlock / DINBlock
+    model = tr.Model(tr.Head(block, [RequestBinaryClassificationTask("click"),
+                                     RequestBinaryClassificationTask("like")]))
 
 Why each piece exists (Transformers4Rec 23.12 / merlin-dataloader 23.8):
 - RequestBlock: a request block reads the request columns from the raw input dict (there is no
-  TabularSequenceFeatures in front of it: its embeddings are its own), scores every candidate with request
-  level batching and returns one vector per candidate, [B, C, hidden], padded candidates as zeros.
+  TabularSequenceFeatures in front of it: its embeddings are its own), builds the one RequestBatch, checks it
+  with the one validator (the same rules serving applies), runs the architecture's model with request level
+  batching and returns one vector per candidate, [B, C, hidden], padded candidates as zeros. There is one
+  class: STCABlock, LONGERBlock, MeanPoolBlock and DINBlock are its named forms, one per ranking entry of
+  merlin_longseq.registry (a new architecture gets its block from its registry entry).
 - RequestBinaryClassificationTask: the stock BinaryClassificationTask scores every padded candidate
   slot and counts it as a negative in the loss and the metrics (padded labels are 0, indistinguishable
   from a real negative). This subclass keeps only the real candidates, using the mask the block records
@@ -23,14 +23,14 @@ Why each piece exists (Transformers4Rec 23.12 / merlin-dataloader 23.8):
 - request_dataloader: the merlin Loader cannot pop ragged list columns as targets (KeyError on the
   label: they arrive as `name__values` / `name__offsets`), and T4R's padding pads every list to one
   length and truncates from the right, which would drop the MOST RECENT events. So the loader reads labels
-  as ordinary list columns and a Loader.map step pads each list to its own batch maximum and moves the
-  labels into the targets dict.
+  as ordinary list columns and a Loader.map step checks that every label list has one value per
+  candidate, pads each list to its own batch maximum and moves the labels into the targets dict.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 import torchmetrics as tm
@@ -41,23 +41,9 @@ from transformers4rec.torch.model.prediction_task import BinaryClassificationTas
 from transformers4rec.torch.utils.data_utils import MerlinDataLoader
 from transformers4rec.torch.utils.padding import pad_batch
 
+from merlin_longseq import registry
 from merlin_longseq.jagged import jagged_to_padded, lengths_from_padding, padded_to_jagged, padding_mask
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestColumns:
-    """Names of the request-grouped columns (the data contract's defaults)."""
-
-    hist_item_id: str = "hist_item_id"
-    hist_action: str = "hist_action"
-    hist_timestamp: str = "hist_timestamp"
-    request_time: str = "request_time"
-    cand_item_id: str = "cand_item_id"
-    user_id: str | None = "user_id"  # None: no user-id token
-
-    @property
-    def lists(self) -> list[str]:
-        return [self.hist_item_id, self.hist_action, self.hist_timestamp, self.cand_item_id]
+from merlin_longseq.request import RequestBatch, RequestColumns, RequestError, check_label_lengths, validate_request
 
 
 def _core_schema(schema):
@@ -68,19 +54,14 @@ def _core_schema(schema):
     return to_core_schema(schema)
 
 
-def _domain_max(schema: CoreSchema, column: str) -> int:
-    if column not in schema.column_names:
-        raise ValueError(f"column {column!r} is not in the schema (columns: {schema.column_names})")
+def _domain_max(schema: CoreSchema, column: str) -> int | None:
     # read the property itself: int_domain is None whenever the dtype was not inferred (an empty first list)
     domain = schema[column].properties.get("domain") or {}
-    if domain.get("max") is None:
-        raise ValueError(f"column {column!r} has no int domain (properties['domain']['max']) in the schema; "
-                         "pass num_items / num_actions / num_users explicitly")
-    return int(domain["max"])
+    return None if domain.get("max") is None else int(domain["max"])
 
 
 def columns_and_sizes(schema, columns: RequestColumns | None, use_user_id: bool, config_fields: dict):
-    """The from_schema step every request block shares -> (core schema, columns, table sizes).
+    """The from_schema step of every request block -> (core schema, columns, table sizes).
 
     Sizes come from the schema's int domains (num_items: both item columns; num_actions; num_users, 0 when the
     user column is absent or use_user_id is False); a size given in config_fields wins and is not returned.
@@ -88,63 +69,97 @@ def columns_and_sizes(schema, columns: RequestColumns | None, use_user_id: bool,
     schema = _core_schema(schema)
     columns = columns or RequestColumns()
     if not use_user_id or (columns.user_id is not None and columns.user_id not in schema.column_names):
-        columns = dataclasses.replace(columns, user_id=None)
-    missing = [c for c in [*columns.lists, columns.request_time] if c not in schema.column_names]
+        columns = columns.without("user_id")
+    if columns.hist_action is not None and columns.hist_action not in schema.column_names:
+        columns = columns.without("hist_action")  # an event log without actions: every action is 0
+    missing = [c for c in [columns.hist_item_id, columns.cand_item_id, columns.hist_timestamp,
+                           columns.request_time] if c is None or c not in schema.column_names]
     if missing:
         raise ValueError(f"the schema lacks the request columns {missing} (columns: {schema.column_names})")
-    sizes = {}
-    if "num_items" not in config_fields:
-        sizes["num_items"] = max(_domain_max(schema, columns.hist_item_id), _domain_max(schema, columns.cand_item_id))
-    if "num_actions" not in config_fields:
-        sizes["num_actions"] = _domain_max(schema, columns.hist_action)
-    if "num_users" not in config_fields:
-        sizes["num_users"] = _domain_max(schema, columns.user_id) if columns.user_id else 0
+
+    def size(field, column_names, fallback=None):
+        if field in config_fields:
+            return
+        found = [_domain_max(schema, c) for c in column_names if c]
+        if any(v is None for v in found) or not found:
+            if fallback is not None:
+                sizes[field] = fallback
+                return
+            raise ValueError(f"column(s) {column_names} have no int domain (properties['domain']['max']) in the "
+                             f"schema; pass {field}= explicitly (or Categorify the column in the workflow)")
+        sizes[field] = max(found)
+
+    sizes: dict = {}
+    size("num_items", [columns.hist_item_id, columns.cand_item_id])
+    size("num_actions", [columns.hist_action] if columns.hist_action else [], fallback=0)
+    size("num_users", [columns.user_id] if columns.user_id else [], fallback=0)
     return schema, columns, sizes
 
 
-class RequestInputs(NamedTuple):
-    """One batch of request rows, jagged (what the models take) plus the padded candidate layout."""
-
-    hist_item_ids: torch.Tensor  # [N]
-    hist_actions: torch.Tensor  # [N]
-    hist_timestamps: torch.Tensor  # [N]
-    hist_offsets: torch.Tensor  # [B + 1]
-    request_time: torch.Tensor  # [B]
-    user_ids: torch.Tensor | None  # [B]
-    cand_item_ids: torch.Tensor  # [C]
-    cand_offsets: torch.Tensor  # [B + 1]
-    cand_lengths: torch.Tensor  # [B]
-    cand_width: int  # the padded candidate width of the batch
-
-    @property
-    def history(self) -> dict:
-        """The keyword arguments of a model's encode_user."""
-        return dict(hist_item_ids=self.hist_item_ids, hist_actions=self.hist_actions,
-                    hist_timestamps=self.hist_timestamps, hist_offsets=self.hist_offsets,
-                    request_time=self.request_time, user_ids=self.user_ids)
-
-
 class RequestBlock(BlockBase):
-    """Base of the request blocks: request dict in, per-candidate vectors [B, C, hidden_dim] out.
+    """A registered ranking architecture as a Transformers4Rec body: request dict in, [B, C, hidden] out.
 
-    Subclasses set `columns` (RequestColumns), `schema` and `model`: a headless core model with
-    encode_user(**history) -> user state and candidate_hidden(state, cand_item_ids, cand_offsets) -> [C, hidden]
-    (STCA, LONGER, mean pooling). After every forward `candidate_mask` [B, C] (bool, True on real candidates)
-    describes the output, which is what RequestBinaryClassificationTask reads.
+    Args:
+        config: the architecture's config (STCAConfig, LONGERConfig, ...); the model is built headless, the
+            heads are the T4R prediction tasks (RequestBinaryClassificationTask).
+        columns: request column names (RequestColumns defaults).
+        schema: the request schema (what tr.Model.input_schema reports).
+    After every forward `candidate_mask` [B, C] (bool, True on real candidates) describes the output, which is
+    what RequestBinaryClassificationTask reads. Training-only behaviour (the length sampler) follows the
+    module's train()/eval() mode.
     """
 
-    candidate_mask: torch.Tensor | None = None
+    arch: str = ""  # the registry name; set by the named subclasses (STCABlock, ...)
 
+    def __init__(self, config, columns: RequestColumns | None = None, schema=None, arch: str | None = None):
+        super().__init__()
+        spec = self._spec(config, arch)
+        columns = columns or RequestColumns()
+        if config.uses_users and columns.user_id is None:
+            raise ValueError(f"this {spec.name} config reads user ids (num_users={config.num_users}), but "
+                             "columns.user_id is None")
+        if not config.uses_users:
+            columns = columns.without("user_id")  # nothing reads it: do not load it
+        self.arch = spec.name
+        self.columns = columns
+        self.config = config.headless()  # the T4R tasks are the heads
+        self.model = spec.model_class(self.config)
+        self.candidate_mask = None
+        self.schema = schema
+
+    @classmethod
+    def _spec(cls, config, arch):
+        name = arch or cls.arch
+        if name:
+            spec = registry.get(name)
+            if not isinstance(config, spec.config_class):
+                raise TypeError(f"{spec.name} needs a {spec.config}, got {type(config).__name__}")
+            return spec
+        for spec in registry.ARCHITECTURES.values():  # RequestBlock(config): the architecture of the config
+            if spec.kind == registry.RANKING and type(config) is spec.config_class:
+                return spec
+        raise TypeError(f"{type(config).__name__} is not the config of a registered ranking architecture")
+
+    @classmethod
+    def from_schema(cls, schema, columns: RequestColumns | None = None, use_user_id: bool = True,
+                    arch: str | None = None, **config_fields) -> "RequestBlock":
+        """Sizes from the schema's int domains (num_items: both item columns; num_actions; num_users).
+
+        config_fields: any field of the architecture's config (d_model, n_layers, length_sampler, ...); an
+        explicit num_items, num_actions or num_users wins over the schema. Without a user column (or with
+        use_user_id=False) num_users is 0.
+        """
+        spec = registry.get(arch or cls.arch) if (arch or cls.arch) else None
+        if spec is None:
+            raise ValueError(f"pass arch= (one of {registry.names(registry.RANKING)}) or use a named block")
+        schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
+        config = spec.config_class(**sizes, **config_fields)
+        return cls(config.headless(), columns, schema=schema, arch=spec.name)
+
+    # ---- T4R plumbing ---------------------------------------------------------------------------------
     @property
     def hidden_dim(self) -> int:
         return self.model.hidden_dim
-
-    def forward(self, inputs, training=False, testing=False, **kwargs):
-        request = self.request_inputs(inputs)
-        state = self.model.encode_user(**request.history)  # the user side, once per request (RLB)
-        hidden = self.model.candidate_hidden(state, request.cand_item_ids, request.cand_offsets)  # [C, hidden]
-        self._record_mask(request)
-        return jagged_to_padded(hidden, request.cand_offsets, request.cand_width)  # [B, C, hidden]
 
     @property
     def inputs(self):
@@ -160,9 +175,7 @@ class RequestBlock(BlockBase):
     def schema(self, value):
         value = _core_schema(value)
         if value is not None:
-            wanted = [*self.columns.lists, self.columns.request_time] + ([self.columns.user_id] if self.columns.user_id
-                                                                          else [])
-            value = value.select_by_name([c for c in wanted if c in value.column_names])
+            value = value.select_by_name([c for c in self.columns.all if c in value.column_names])
         self._core_schema = value
 
     def output_size(self, input_size=None):
@@ -171,54 +184,75 @@ class RequestBlock(BlockBase):
     def forward_output_size(self, input_size):
         return [None, None, self.hidden_dim]
 
-    def _column(self, inputs, name):
-        if name not in inputs:
-            if f"{name}__values" in inputs:
-                raise ValueError(f"{name} arrives ragged ({name}__values / __offsets): load the data with "
-                                 "request_dataloader, which pads every list column")
-            raise KeyError(f"{type(self).__name__} needs the input column {name!r}; got {sorted(inputs)}")
-        return inputs[name]
+    # ---- forward --------------------------------------------------------------------------------------
+    def request_batch(self, inputs, targets=None) -> RequestBatch:
+        """The padded request dict of request_dataloader -> the checked jagged RequestBatch."""
+        batch = RequestBatch.from_padded(inputs, self.columns, targets)
+        if batch.hist_actions is None:  # a log without actions: every event has the "unknown" action 0
+            batch = dataclasses.replace(batch, hist_actions=torch.zeros_like(batch.hist_item_ids))
+        validate_request(batch, dataclasses.replace(self.model.limits, needs_actions=False))
+        return batch
 
-    def _padded_list(self, inputs, name):
-        values = self._column(inputs, name)
-        if values.dim() != 2:
-            raise ValueError(f"{name} must be a padded list column [batch, length], got shape {tuple(values.shape)}")
-        if values.is_floating_point():
-            raise TypeError(f"{name} must hold integers, got {values.dtype} (an NVTabular float pad value turns "
-                            "list<int64> into list<double>: pass pad_value=0)")
-        return values
+    def forward(self, inputs, training=False, testing=False, **kwargs):
+        batch = self.request_batch(inputs)
+        state = self.model.encode_user(**batch.history)  # the user side, once per request (RLB)
+        hidden = self.model.candidate_hidden(state, batch.cand_item_ids, batch.cand_offsets)  # [C, hidden]
+        width = inputs[self.columns.cand_item_id].shape[1]  # the task's labels are padded to this width
+        self.candidate_mask = padding_mask(batch.candidate_counts, width)
+        return jagged_to_padded(hidden, batch.cand_offsets, width)  # [B, C, hidden]
 
-    def history_inputs(self, inputs) -> dict:
-        """The history columns of a padded request dict -> the keyword arguments of a model's encode_user."""
-        cols = self.columns
-        hist_items = self._padded_list(inputs, cols.hist_item_id)  # [B, L], 0 = padding
-        history_lengths = lengths_from_padding(hist_items)
-        hist_items, hist_offsets = padded_to_jagged(hist_items, history_lengths)
-        hist_actions = padded_to_jagged(self._padded_list(inputs, cols.hist_action), history_lengths)[0]
-        hist_times = padded_to_jagged(self._padded_list(inputs, cols.hist_timestamp), history_lengths)[0]
-        request_time = self._column(inputs, cols.request_time).reshape(-1)  # [B] (the loader may give [B, 1])
-        user_ids = self._column(inputs, cols.user_id).reshape(-1) if cols.user_id else None
-        return dict(hist_item_ids=hist_items, hist_actions=hist_actions, hist_timestamps=hist_times,
-                    hist_offsets=hist_offsets, request_time=request_time, user_ids=user_ids)
+    # ---- serving halves: encode a batch of requests once, score candidates against it as often as needed
+    def encode_user(self, inputs):
+        """The history columns of a padded request dict [B, ...] -> the model's user state of those B requests
+        (candidate columns, if present, are not read)."""
+        columns = self.columns
+        if columns.cand_item_id not in inputs:
+            any_list = inputs[columns.hist_item_id]
+            inputs = {**inputs, columns.cand_item_id: torch.ones(any_list.shape[0], 1, dtype=any_list.dtype,
+                                                                 device=any_list.device)}
+        return self.model.encode_user(**self.request_batch(inputs).history)
 
-    def request_inputs(self, inputs) -> RequestInputs:
-        """The padded request dict of request_dataloader -> jagged tensors (item id 0 = padding)."""
-        history = self.history_inputs(inputs)
-        cand_padded = self._padded_list(inputs, self.columns.cand_item_id)  # [B, C]
-        cand_lengths = lengths_from_padding(cand_padded)
-        cand_items, cand_offsets = padded_to_jagged(cand_padded, cand_lengths)
-        return RequestInputs(**history, cand_item_ids=cand_items, cand_offsets=cand_offsets,
-                             cand_lengths=cand_lengths, cand_width=cand_padded.shape[1])
-
-    def _record_mask(self, request: RequestInputs):
-        self.candidate_mask = padding_mask(request.cand_lengths, request.cand_width)
+    def score_candidates(self, state, cand_item_id: torch.Tensor) -> torch.Tensor:
+        """Padded candidates [B, C] (0 = padding) of the encoded requests -> [B, C, hidden]; sets
+        candidate_mask like forward, so the T4R tasks can be applied to the result."""
+        requests = getattr(state, "num_requests", None)
+        if cand_item_id.dim() != 2 or (requests is not None and cand_item_id.shape[0] != requests):
+            raise ValueError(f"cand_item_id must be [B, C] with B = {requests} encoded requests, got "
+                             f"{tuple(cand_item_id.shape)}")
+        lengths = lengths_from_padding(cand_item_id)
+        cand_items, cand_offsets = padded_to_jagged(cand_item_id, lengths)
+        hidden = self.model.candidate_hidden(state, cand_items, cand_offsets)
+        self.candidate_mask = padding_mask(lengths, cand_item_id.shape[1])
+        return jagged_to_padded(hidden, cand_offsets, cand_item_id.shape[1])
 
 
-def _find_request_block(body) -> RequestBlock:
+def _named_block(spec: registry.Architecture) -> type:
+    """STCABlock, LONGERBlock, ...: RequestBlock bound to one registry entry (picklable by module path)."""
+    cls = type(spec.block, (RequestBlock,), {
+        "arch": spec.name, "__module__": __name__,
+        "__doc__": f"RequestBlock for {spec.name!r}: {spec.summary}. See RequestBlock."})
+    cls.__qualname__ = spec.block
+    return cls
+
+
+# one named block per ranking registry entry, as module attributes (tr.Model.save pickles them by name)
+BLOCKS: dict[str, type] = {spec.name: _named_block(spec) for spec in registry.ARCHITECTURES.values()
+                           if spec.kind == registry.RANKING}
+globals().update({cls.__name__: cls for cls in BLOCKS.values()})
+
+
+def block_for(arch: str) -> type:
+    """The T4R block class of a registered ranking architecture."""
+    if arch not in BLOCKS:
+        raise ValueError(f"{arch!r} has no request block; ranking architectures: {sorted(BLOCKS)}")
+    return BLOCKS[arch]
+
+
+def find_request_block(body) -> RequestBlock:
     found = [m for m in body.modules() if isinstance(m, RequestBlock)]
     if len(found) != 1:
-        raise ValueError("RequestBinaryClassificationTask needs exactly one request block (STCABlock, LONGERBlock) "
-                         f"in the body, found {len(found)}")
+        raise ValueError("a request model needs exactly one request block (STCABlock, LONGERBlock, ...) in its "
+                         f"body, found {len(found)}")
     return found[0]
 
 
@@ -242,13 +276,13 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
         self._request_block: tuple = ()  # a tuple, so the block is not registered as a second parent
 
     def build(self, body, input_size, inputs=None, device=None, task_block=None, pre=None):
-        self._request_block = (_find_request_block(body),)
+        self._request_block = (find_request_block(body),)
         return super().build(body, input_size, inputs=inputs, device=device, task_block=task_block, pre=pre)
 
     def forward(self, inputs, targets=None, training=False, testing=False, **kwargs):
         if not self._request_block:
             raise RuntimeError("RequestBinaryClassificationTask is not built: put it in a tr.Head with a request "
-                               "block (STCABlock, LONGERBlock)")
+                               "block (STCABlock, LONGERBlock, ...)")
         x = inputs
         if self.task_block:
             x = self.task_block(x)
@@ -262,8 +296,8 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
         if targets is None:
             raise ValueError(f"task {self.task_name!r} needs the {self.target_name!r} labels in training/testing")
         if targets.shape != mask.shape:
-            raise ValueError(f"labels {self.target_name!r} have shape {tuple(targets.shape)} but the candidates "
-                             f"{tuple(mask.shape)}: a label list must be aligned with cand_item_id")
+            raise RequestError(f"labels {self.target_name!r} have shape {tuple(targets.shape)} but the candidates "
+                               f"{tuple(mask.shape)}: a label list must be aligned with cand_item_id")
         predictions, labels = probabilities[mask], targets[mask].to(probabilities.dtype)
         return {"loss": self.loss(predictions, labels), "labels": labels, "predictions": predictions}
 
@@ -271,28 +305,82 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
         # every metric here is binary: give all of them int labels (the stock code does it only for its defaults)
         return {self.metric_name(m): m(predictions, targets.int()) for m in self.metrics}
 
+    def head_linear(self) -> torch.nn.Linear:
+        """The Linear(hidden, 1) under the sigmoid: what a served model computes as this task's logit."""
+        if getattr(self, "task_block", None) is not None:
+            raise ValueError(f"task {self.task_name!r} has a task_block; only the plain Linear + sigmoid head "
+                             "folds into a served model")
+        modules = list(self.pre.modules()) if getattr(self, "pre", None) is not None else []
+        linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
+        if len(linears) != 1 or linears[0].out_features != 1 or not any(isinstance(m, torch.nn.Sigmoid)
+                                                                        for m in modules):
+            raise ValueError(f"task {self.task_name!r}: expected one Linear(hidden, 1) followed by a sigmoid, "
+                             f"found {[type(m).__name__ for m in modules]}")
+        return linears[0]
+
 
 def _identity(x):
     return x
 
 
+def headed_core_model(model, labels: Sequence[str] | None = None):
+    """(core model with one logit head per task, in eval mode, task names) for a trained request tr.Model.
+
+    The core model computes the T4R model's pre-sigmoid scores: the request block's model with the task
+    heads' Linear(hidden, 1) weights stacked into its own task head (row t = task t). labels: the task
+    order (target names); default: the model's own order.
+    """
+    core = find_request_block(model).model
+    tasks = {task.target_name: task for head in model.heads for task in head.prediction_task_dict.values()}
+    names = tuple(labels) if labels else tuple(tasks)
+    missing = [name for name in names if name not in tasks]
+    if missing or not names:
+        raise ValueError(f"the model has no task for label(s) {list(missing or names)}; its tasks: {sorted(tasks)}")
+    linears = []
+    for name in names:
+        if not isinstance(tasks[name], RequestBinaryClassificationTask):
+            raise ValueError(f"task {name!r} is a {type(tasks[name]).__name__}; a served request model needs "
+                             "RequestBinaryClassificationTask heads")
+        linears.append(tasks[name].head_linear())
+    spec = registry.of_model(core)
+    headed = spec.model_class(core.cfg.with_tasks(names))
+    result = headed.load_state_dict(core.state_dict(), strict=False)
+    head = headed.task_head
+    head_keys = {k for k, _ in headed.named_parameters() if any(p is _ for p in head.parameters())}
+    if result.unexpected_keys or set(result.missing_keys) != head_keys:  # only the heads may be new
+        raise RuntimeError(f"headed copy of {type(core).__name__} does not line up with the trained one: missing "
+                           f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+    with torch.no_grad():
+        head.weight.copy_(torch.cat([linear.weight for linear in linears]))
+        head.bias.copy_(torch.cat([linear.bias if linear.bias is not None else torch.zeros(1)
+                                   for linear in linears]))
+    return headed.eval(), names
+
+
 class RequestBatchPadding:
-    """A merlin Loader map step: pads each list column to its own batch maximum, moves labels to targets.
+    """A merlin Loader map step: checks label lengths, pads each list column to its own batch maximum, moves
+    labels to targets.
 
     It runs inside the merlin Loader (Loader.map), so it applies both when the T4R MerlinDataLoader is
     iterated and when tr.Model.fit / evaluate iterate its `.dataset` directly.
     """
 
-    def __init__(self, label_columns: Sequence[str]):
+    def __init__(self, label_columns: Sequence[str], candidate_column: str = "cand_item_id"):
         self.label_columns = list(label_columns)
+        self.candidate_column = candidate_column
 
     def __call__(self, inputs, targets=None):
-        widths = {}
-        for key, offsets in inputs.items():
+        widths, lengths = {}, {}
+        for key in list(inputs):
             if key.endswith("__offsets"):
-                row_lengths = offsets.reshape(-1).diff()
+                name = key[: -len("__offsets")]
+                row_lengths = inputs[key].reshape(-1).diff()
+                lengths[name] = row_lengths
                 # width >= 1: a batch of empty histories still gives a [B, 1] padded tensor
-                widths[key[: -len("__offsets")]] = max(1, int(row_lengths.max()) if row_lengths.numel() else 1)
+                widths[name] = max(1, int(row_lengths.max()) if row_lengths.numel() else 1)
+        if self.candidate_column in lengths:
+            check_label_lengths(lengths[self.candidate_column].cpu().numpy(),
+                                {n: lengths[n].cpu().numpy() for n in self.label_columns if n in lengths})
         padded = pad_batch(inputs, widths)
         labels = {}
         for name in self.label_columns:
@@ -327,25 +415,34 @@ def request_dataloader(paths_or_dataset, batch_size: int, label_columns: Sequenc
             col = dataclasses.replace(col, tags=untagged, dims=col.shape.as_tuple)
         cleaned.append(col)
     schema = CoreSchema(cleaned)
+    if columns.hist_action and columns.hist_action not in schema.column_names:
+        columns = columns.without("hist_action")
     lists = columns.lists + list(label_columns)
-    scalars = [columns.request_time] + ([columns.user_id] if columns.user_id and columns.user_id in schema.column_names
-                                         else [])
+    scalars = [c for c in columns.scalars if c == columns.request_time or c in schema.column_names]
     missing = [c for c in lists + scalars if c not in schema.column_names]
     if missing:
         raise ValueError(f"the dataset lacks the columns {missing} (columns: {schema.column_names})")
     dataset.schema = schema
     loader = MerlinDataLoader(dataset, batch_size, max_sequence_length=None, cats=scalars, conts=[], labels=[],
                               lists=lists, shuffle=shuffle, drop_last=drop_last, schema=schema, **loader_kwargs)
-    loader.dataset.map(RequestBatchPadding(label_columns))  # loader.dataset: the merlin Loader it wraps
+    loader.dataset.map(RequestBatchPadding(label_columns, columns.cand_item_id))  # the merlin Loader it wraps
     return loader
 
 
+STCABlock, LONGERBlock, MeanPoolBlock, DINBlock = (BLOCKS[a] for a in ("stca", "longer", "mean-pool", "din"))
+
 __all__ = [
+    "BLOCKS",
+    "DINBlock",
+    "LONGERBlock",
+    "MeanPoolBlock",
     "RequestBatchPadding",
     "RequestBinaryClassificationTask",
     "RequestBlock",
-    "RequestColumns",
-    "RequestInputs",
+    "STCABlock",
+    "block_for",
     "columns_and_sizes",
+    "find_request_block",
+    "headed_core_model",
     "request_dataloader",
 ]
