@@ -17,7 +17,8 @@ import torch
 
 from merlin_longseq.models.longer import LONGERConfig, LONGERModel
 from merlin_longseq.models.stca import STCAConfig, STCAModel
-from merlin_longseq.serving.scoring import RequestBatch, UserStateCache, make_scorer
+from merlin_longseq.request import RequestBatch
+from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 
 
 def one_request(history: int, candidates: int, num_items: int, seed: int = 0) -> RequestBatch:

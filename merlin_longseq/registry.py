@@ -84,6 +84,26 @@ def of_model(model) -> Architecture:
                      + ", ".join(f"{a.name} ({a.model})" for a in _ENTRIES))
 
 
+def model_to_dict(model) -> dict:
+    """What rebuilds a model (weights aside), JSON-safe: architecture, config and constructor sizes."""
+    arch = of_model(model)
+    sizes = {}
+    if arch.kind == NEXT_ITEM:  # HSTUNextItemModel(num_items, cfg, num_actions): sizes live outside its config
+        sizes = {"num_items": int(model.num_items),
+                 "num_actions": int(model.tokenizer.action_embedding.num_embeddings - 1)}
+    return {"arch": arch.name, "config": config_to_dict(model.cfg), "sizes": sizes}
+
+
+def model_from_dict(description: dict):
+    """The model model_to_dict described, freshly initialised (load its state dict next)."""
+    arch = get(description["arch"])
+    cfg = config_from_dict(arch, description["config"])
+    if arch.kind == NEXT_ITEM:
+        sizes = description.get("sizes") or {}
+        return arch.model_class(sizes["num_items"], cfg, num_actions=sizes.get("num_actions", 0))
+    return arch.model_class(cfg)
+
+
 def config_to_dict(cfg) -> dict:
     """A JSON-safe dict of a config (training-only objects such as the length sampler are dropped)."""
     values = {}
@@ -105,4 +125,4 @@ def config_from_dict(arch: str | Architecture, values: dict):
 
 
 __all__ = ["ARCHITECTURES", "Architecture", "NEXT_ITEM", "RANKING", "config_from_dict", "config_to_dict", "get",
-           "names", "of_model"]
+           "model_from_dict", "model_to_dict", "names", "of_model"]

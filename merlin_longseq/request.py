@@ -87,6 +87,7 @@ class RequestLimits:
     max_history: int | None = None  # longest accepted history (None: unbounded)
     min_history: int = 0
     max_candidates: int | None = None
+    min_candidates: int = 1  # 0: a request may send no candidates (next-item top-k ranks the catalogue)
     unknown_item_ids: tuple[int, ...] = ()  # ids meaning "not in the vocabulary" (Categorify: 1 null, 2 OOV)
     needs_actions: bool = False
     needs_timestamps: bool = False
@@ -400,8 +401,10 @@ def validate_request(batch: RequestBatch, limits: RequestLimits) -> None:
         if needed and tensor is None:
             raise RequestError(f"this model needs {name}; the request has none")
     counts = batch.candidate_counts
-    if bool((counts == 0).any()):
-        raise RequestError(f"request {_first(counts == 0)} has zero candidates: send at least one candidate")
+    if bool((counts < limits.min_candidates).any()):
+        r = _first(counts < limits.min_candidates)
+        count = int(counts[r])
+        raise RequestError(f"request {r} has {count or 'zero'} candidates: send at least {limits.min_candidates}")
     if limits.max_candidates is not None and bool((counts > limits.max_candidates).any()):
         r = _first(counts > limits.max_candidates)
         raise RequestError(f"request {r} has {int(counts[r])} candidates, more than the maximum "

@@ -117,10 +117,10 @@ def test_server_was_stopped_and_its_ports_are_free(job):
 
 
 def test_served_longer_form_scores_like_the_t4r_model(job):
-    """servable_model folds the T4R task heads into a headed LONGERModel: sigmoid(its logits) = T4R's output."""
-    from merlin_longseq.jobs.serve_demo import servable_model
+    """servable folds the T4R task heads into a headed LONGERModel: sigmoid(its logits) = T4R's output."""
+    from merlin_longseq.serving.export import servable
 
-    core, names = servable_model(job["models"]["longer"], LABELS)
+    core, names = servable(job["models"]["longer"], LABELS)
     assert names == LABELS and core.cfg.num_tasks == 2
     for row in list(_eval_rows(job).values())[:3]:
         ids = {k: torch.as_tensor(np.asarray(row[k], dtype=np.int64)) for k in
@@ -137,7 +137,7 @@ def test_skips_with_one_line_without_the_serve_extra_or_a_servable_model(job, mo
 
     workflow = str(job["tmp"] / "ranking" / "etl" / "workflow")
     lines = []
-    assert serve_demo.run(str(tmp_path), job["cfg"], {"mean-pool": object()}, workflow, log=lines.append) is None
+    assert serve_demo.run(str(tmp_path), job["cfg"], {"hstu": object()}, workflow, log=lines.append) is None
     monkeypatch.setitem(sys.modules, "pytriton", None)  # import pytriton now raises ImportError
     assert serve_demo.run(str(tmp_path), job["cfg"], job["models"], workflow, log=lines.append) is None
     assert len(lines) == 2 and all(line.startswith("part 3 skipped") for line in lines)
@@ -146,13 +146,14 @@ def test_skips_with_one_line_without_the_serve_extra_or_a_servable_model(job, mo
 
 def test_bad_input_is_refused(job):
     from merlin_longseq.jobs import serve_demo
+    from merlin_longseq.serving.export import servable
 
     with pytest.raises(ValueError, match="num_requests"):
         serve_demo.run("unused", job["cfg"], job["models"], "unused", num_requests=0)
     with pytest.raises(ValueError, match="Transformers4Rec model"):
-        serve_demo.servable_model(torch.nn.Linear(2, 1))
+        servable(torch.nn.Linear(2, 1))
     with pytest.raises(ValueError, match="no task for label"):
-        serve_demo.servable_model(job["models"]["stca"], ("purchase",))
+        servable(job["models"]["stca"], ("purchase",))
 
 
 def test_cli_demo_runs_part_3_unless_no_serve(monkeypatch, tmp_path):

@@ -7,7 +7,8 @@ import torch
 
 from merlin_longseq.models.longer import LONGERConfig, LONGERModel
 from merlin_longseq.models.stca import STCAConfig, STCAModel
-from merlin_longseq.serving.scoring import RequestBatch, RequestError, UserStateCache, make_scorer
+from merlin_longseq.request import RequestBatch, RequestError
+from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 
 
 def batch_of(lengths, candidates, users, num_items=50, seed=0):
@@ -67,9 +68,9 @@ def test_cache_is_bounded_in_bytes():
 
 @pytest.mark.parametrize("change, message", [
     (dict(cand_offsets=torch.tensor([0, 0, 4, 8])), "request 0 has zero candidates"),
-    (dict(hist_item_ids=torch.full((20,), 51)), r"ids must lie in \[1, 50\]"),
+    (dict(hist_item_ids=torch.full((20,), 51)), r"hist_item_ids must lie in \[0, 50\]"),
     (dict(hist_actions=None), "needs hist_actions"),
-    (dict(request_time=torch.tensor([0, 0, 0])), "later than its request_time"),
+    (dict(request_time=torch.tensor([0, 0, 0])), "at or after its request_time"),
 ])
 def test_bad_requests_raise_clear_errors(change, message):
     scorer = make_scorer(MODELS["stca"]().eval(), max_history=32)

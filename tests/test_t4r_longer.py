@@ -188,7 +188,7 @@ def test_cached_user_side_scores_equal_the_block_and_the_reference(requests_data
         for name, task in model.heads[0].prediction_task_dict.items():
             torch.testing.assert_close(task(again), probabilities[name], atol=1e-6, rtol=1e-5)
     assert int(keep.sum()) >= 4  # the split case really ran on several requests
-    with pytest.raises(ValueError, match="cached requests"):
+    with pytest.raises(ValueError, match="encoded requests"):
         block.score_candidates(cache, cand[:2])
 
 

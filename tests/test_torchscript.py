@@ -114,7 +114,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     longer = LONGERModel(LONGERConfig(num_items=NUM_ITEMS))
     with pytest.raises(ValueError, match="LONGERModel does not trace"):
         trace_stca(longer)
-    with pytest.raises(ValueError, match="needs an STCAModel"):
+    with pytest.raises(ValueError, match="not a registered architecture"):
         trace_stca(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="10 tensors"):
         trace_stca(stca(), example=(torch.zeros(1),))

@@ -6,16 +6,15 @@ query them with real requests, check the scores and report latency.
     serve_demo.run(serve_dir, cfg, models, f"{run_dir}/etl/workflow")  # part 3
 
 Steps:
-1. Servable models. The T4R request blocks hold HEADLESS core models (STCABlock.model / LONGERBlock.model);
-   their heads are the T4R tasks (RequestBinaryClassificationTask: Linear(hidden, 1, no bias) + sigmoid).
-   `servable_model` copies the core model into a headed one whose task heads carry those Linear weights, so
-   its logits are exactly the pre-sigmoid scores of the trained T4R model. mean-pool has no served form.
+1. Servable models: export takes the trained T4R model itself. Its request block holds a HEADLESS core model;
+   the heads are the T4R tasks (RequestBinaryClassificationTask: Linear(hidden, 1) + sigmoid), which
+   merlin_longseq.serving.export.servable folds into the core model's task head, so the served logits are
+   exactly the pre-sigmoid scores of the trained T4R model. Every registered ranking architecture serves.
 2. Export (merlin_longseq.serving.export) of every servable model with the fitted eval-side NVTabular
    workflow (full histories, the training item vocabulary) into <run_dir>/repo, one ensemble per arch.
 3. A real tritonserver (TritonServer: the nvidia-pytriton wheel's server) on free 127.0.0.1 ports.
-4. Requests from the RAW synthetic eval data (ranking.make_data is deterministic): a request's raw history
-   = the user's events strictly before the request time, oldest first (ties in log order), the most recent
-   max_history kept; its candidates in impression order (a repeated item once), as RequestGrouping defines.
+4. Requests from the RAW synthetic eval data (ranking.make_data is deterministic), grouped by the
+   RequestGrouping operator on the raw logs (raw item ids: what a client sends).
 5. Check: served logits against the headed core model on the WORKFLOW-encoded request (the fitted workflow
    transforms the same impressions), and sigmoid(served) against the trained T4R model's probabilities;
    the largest absolute difference must stay within `tolerance`.
@@ -26,8 +25,6 @@ Without the `serve` extra (nvidia-pytriton, tritonclient, merlin-systems), run()
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import importlib
 import json
 import os
@@ -38,7 +35,8 @@ import time
 
 import numpy as np
 
-SERVABLE_ARCHS = ("stca", "longer")
+from merlin_longseq import registry
+
 DEFAULT_TOLERANCE = 1e-4
 REQUEST_FEATURES = ("hist_item_id", "hist_action", "hist_timestamp", "cand_item_id", "request_time", "user_id")
 # Categorify (NVTabular 23.08): 1 = null, 2 = out of vocabulary. The served ensemble refuses such ids.
@@ -65,96 +63,24 @@ def serve_extra_missing() -> str | None:
     return None
 
 
-# ---- 1. servable models ---------------------------------------------------------------------------------------
-def _task_linear(task):
-    """The Linear(hidden, 1) of a built RequestBinaryClassificationTask whose output is sigmoid(Linear(x))."""
-    import torch
-
-    if getattr(task, "task_block", None) is not None:
-        raise ValueError(f"task {task.task_name!r} has a task_block; only the plain Linear + sigmoid head folds "
-                         "into a served model")
-    modules = list(task.pre.modules()) if getattr(task, "pre", None) is not None else []
-    linears = [m for m in modules if isinstance(m, torch.nn.Linear)]
-    if len(linears) != 1 or linears[0].out_features != 1 or not any(isinstance(m, torch.nn.Sigmoid)
-                                                                    for m in modules):
-        raise ValueError(f"task {task.task_name!r}: expected one Linear(hidden, 1) followed by a sigmoid, "
-                         f"found {[type(m).__name__ for m in modules]}")
-    return linears[0]
-
-
-def servable_model(model, labels=None):
-    """(headed STCAModel / LONGERModel in eval mode, task names): what the server runs for `model`.
-
-    model: a trained Transformers4Rec model (tr.Model over an STCABlock or LONGERBlock with one
-    RequestBinaryClassificationTask per label), or an already headed STCAModel / LONGERModel.
-    labels: the order of the tasks (target names); default: the model's own order.
-    The result's logits are the T4R model's pre-sigmoid scores (the task heads' weights, no bias).
-    """
-    import torch
-
-    from merlin_longseq.models.longer import LONGERModel
-    from merlin_longseq.models.stca import STCAModel
-    from merlin_longseq.t4r.request import _find_request_block
-
-    if isinstance(model, (STCAModel, LONGERModel)):
-        if model.cfg.num_tasks == 0:
-            raise ValueError(f"this {type(model).__name__} is headless; pass the T4R model that holds its heads")
-        names = model.cfg.tasks if isinstance(model, STCAModel) else tuple(labels or ())
-        return copy.deepcopy(model).eval(), tuple(names) or None
-    if not hasattr(model, "heads") or not hasattr(model, "modules"):
-        raise ValueError(f"expected a Transformers4Rec model or an STCAModel / LONGERModel, got "
-                         f"{type(model).__name__}")
-    core = _find_request_block(model).model  # ValueError unless exactly one request block
-    if not isinstance(core, (STCAModel, LONGERModel)):
-        raise ValueError(f"{type(core).__name__} has no served form (servable: STCAModel, LONGERModel)")
-    tasks = {task.target_name: task for head in model.heads for task in head.prediction_task_dict.values()}
-    names = tuple(labels) if labels else tuple(tasks)
-    missing = [name for name in names if name not in tasks]
-    if missing or not names:
-        raise ValueError(f"the model has no task for label(s) {missing or names}; its tasks: {sorted(tasks)}")
-    weights = [_task_linear(tasks[name]) for name in names]
-    if isinstance(core, STCAModel):
-        headed, head_keys = STCAModel(dataclasses.replace(core.cfg, tasks=names)), {"heads.weight", "heads.bias"}
-    else:
-        headed, head_keys = LONGERModel(dataclasses.replace(core.cfg, num_tasks=len(names))), {"head.2.weight",
-                                                                                           "head.2.bias"}
-    result = headed.load_state_dict(core.state_dict(), strict=False)
-    if result.unexpected_keys or set(result.missing_keys) != head_keys:  # only the heads may be new
-        raise RuntimeError(f"headed copy of {type(core).__name__} does not line up with the trained one: missing "
-                           f"{result.missing_keys}, unexpected {result.unexpected_keys}")
-    head = headed.heads if isinstance(core, STCAModel) else headed.head[2]
-    with torch.no_grad():
-        head.weight.copy_(torch.cat([linear.weight for linear in weights]))  # row t = task t
-        head.bias.copy_(torch.cat([linear.bias if linear.bias is not None else torch.zeros(1)
-                                   for linear in weights]))
-    return headed.eval(), names
-
-
 # ---- 4. requests from the raw logs ------------------------------------------------------------------------------
 def raw_requests(events, impressions, request_ids, max_history: int) -> list[dict]:
-    """Raw request features (what a client sends) for `request_ids`, built from the raw logs with
-    RequestGrouping's rules: history strictly before request_time, (timestamp, log order) order, most recent
-    `max_history` kept; candidates in impression order, a repeated item kept once."""
-    events = events.reset_index(drop=True)
-    events = events.assign(_row=np.arange(len(events))).sort_values(["user_id", "timestamp", "_row"])
-    by_user = {user: frame for user, frame in events.groupby("user_id", sort=False)}
-    requests = []
-    for request_id in request_ids:
-        rows = impressions[impressions["request_id"] == request_id]
-        if rows.empty:
-            raise ValueError(f"request {request_id} is not in the impressions")
-        user, request_time = int(rows["user_id"].iloc[0]), int(rows["request_time"].iloc[0])
-        history = by_user.get(user, events.iloc[:0])
-        history = history[history["timestamp"] < request_time].tail(max_history)
-        candidates = rows.drop_duplicates("item_id", keep="first")
-        requests.append({
-            "hist_item_id": history["item_id"].to_numpy(np.int64),
-            "hist_action": history["action"].to_numpy(np.int64),
-            "hist_timestamp": history["timestamp"].to_numpy(np.int64),
-            "cand_item_id": candidates["item_id"].to_numpy(np.int64),
-            "request_time": np.int64(request_time), "user_id": np.int64(user), "request_id": int(request_id),
-        })
-    return requests
+    """Raw request features (what a client sends) for `request_ids`: the raw logs grouped by the
+    RequestGrouping operator itself (its rules, no second implementation), item ids left raw."""
+    from merlin.dag import ColumnSelector
+
+    from merlin_longseq.workflows.request_grouping import RequestGrouping
+
+    wanted = impressions[impressions["request_id"].isin(list(request_ids))]
+    missing = sorted(set(int(r) for r in request_ids) - set(int(r) for r in wanted["request_id"].unique()))
+    if missing:
+        raise ValueError(f"request(s) {missing} are not in the impressions")
+    selected = ["user_id", "request_id", "request_time", "item_id"]
+    grouping = RequestGrouping(events, label_columns=[], max_history=max_history)
+    frame = grouping.transform(ColumnSelector(selected), wanted[selected].reset_index(drop=True))
+    by_id = {int(row["request_id"]): row for _, row in frame.iterrows()}
+    return [{**{name: np.asarray(by_id[int(r)][name], dtype=np.int64) for name in REQUEST_FEATURES},
+             "request_id": int(r)} for r in request_ids]
 
 
 def encoded_requests(workflow, impressions, request_ids) -> dict:
@@ -182,17 +108,20 @@ def _check_same_request(raw: dict, encoded: dict) -> None:
 
 
 # ---- 5. in-process references --------------------------------------------------------------------------------
-def core_logits(core, row: dict, uses_users: bool) -> np.ndarray:
+def core_logits(core, row: dict) -> np.ndarray:
     """[C, tasks] logits of the headed core model on one encoded request."""
     import torch
 
-    def tensor(name):
-        return torch.as_tensor(row[name], dtype=torch.int64)
+    from merlin_longseq.request import RequestBatch
+
+    batch = RequestBatch.from_lengths(
+        hist_lengths=[row["hist_item_id"].size], cand_lengths=[row["cand_item_id"].size],
+        hist_item_ids=row["hist_item_id"], hist_actions=row["hist_action"], hist_timestamps=row["hist_timestamp"],
+        cand_item_ids=row["cand_item_id"], request_time=row["request_time"], user_ids=row["user_id"])
+    if not core.cfg.uses_users:
+        batch.user_ids = None
     with torch.no_grad():
-        return core(tensor("hist_item_id"), tensor("hist_action"), tensor("hist_timestamp"),
-                    torch.tensor([0, row["hist_item_id"].size]), tensor("request_time").reshape(1),
-                    tensor("cand_item_id"), torch.tensor([0, row["cand_item_id"].size]),
-                    tensor("user_id").reshape(1) if uses_users else None).numpy()
+        return core(**batch.model_inputs).numpy()
 
 
 def t4r_probabilities(model, row: dict, labels) -> np.ndarray:
@@ -293,9 +222,9 @@ def run(run_dir: str, ranking_cfg, models: dict, workflow_path: str, log=print, 
         raise ValueError(f"tolerance must be > 0, got {tolerance}")
     if not isinstance(models, dict):
         raise ValueError(f"models must be a dict arch -> trained model, got {type(models).__name__}")
-    archs = [arch for arch in SERVABLE_ARCHS if arch in models]
+    archs = [arch for arch in registry.names(registry.RANKING) if arch in models]
     if not archs:
-        log(f"part 3 skipped: no servable model trained (serving covers {', '.join(SERVABLE_ARCHS)}; "
+        log(f"part 3 skipped: no servable model trained (serving covers {', '.join(registry.names(registry.RANKING))}; "
             f"trained: {', '.join(models) or 'none'})")
         return None
     missing = serve_extra_missing()
@@ -321,8 +250,7 @@ def _run(run_dir, cfg, models, archs, workflow_path, log, num_requests, concurre
     import nvtabular as nvt
 
     from merlin_longseq.jobs.ranking import make_data
-    from merlin_longseq.serving.export import export
-    from merlin_longseq.serving.scoring import default_rules
+    from merlin_longseq.serving.export import export, servable
     from merlin_longseq.serving.server import TritonServer
 
     os.makedirs(run_dir, exist_ok=True)
@@ -333,10 +261,10 @@ def _run(run_dir, cfg, models, archs, workflow_path, log, num_requests, concurre
     served_models = {}
     started = time.perf_counter()
     for arch in archs:
-        core, _ = servable_model(models[arch], labels)
-        export(repo, workflow, core, max_history=cfg.eval_max_history, task_names=labels, name=arch, device=device,
-               cache_entries=cache_entries)
-        served_models[arch] = core
+        # export takes the trained T4R model itself; `servable` gives the same core model for the references
+        export(repo, workflow, models[arch], max_history=cfg.eval_max_history, task_names=labels, name=arch,
+               device=device, cache_entries=cache_entries)
+        served_models[arch] = servable(models[arch], labels)[0]
     export_seconds = time.perf_counter() - started
     log(f"[1/4] exported {', '.join(archs)} with the fitted workflow -> {repo} ({export_seconds:.1f} s)")
 
@@ -359,11 +287,10 @@ def _run(run_dir, cfg, models, archs, workflow_path, log, num_requests, concurre
     cand_counts = [r["cand_item_id"].size for r in requests]
     references = {}
     for arch in archs:
-        uses_users = default_rules(served_models[arch], cfg.eval_max_history).needs_user_ids
-        is_t4r = not isinstance(models[arch], _core_model_types())  # a core model has no T4R probabilities
+        is_t4r = models[arch] is not served_models[arch]  # a core model has no T4R probabilities
         rows = [encoded[r["request_id"]] for r in requests]
         references[arch] = {
-            "logits": [core_logits(served_models[arch], row, uses_users) for row in rows],
+            "logits": [core_logits(served_models[arch], row) for row in rows],
             "probabilities": [t4r_probabilities(models[arch], row, labels) if is_t4r else None for row in rows],
         }
     log(f"[2/4] {len(requests)} requests from the raw eval logs: history {min(hist_lengths)}-{max(hist_lengths)} "
@@ -421,13 +348,6 @@ def _run(run_dir, cfg, models, archs, workflow_path, log, num_requests, concurre
             for arch, e in failed.items()))
     summary["served_scores"] = served_scores  # per arch, [C, tasks] logits per request (not in the JSON)
     return summary
-
-
-def _core_model_types():
-    from merlin_longseq.models.longer import LONGERModel
-    from merlin_longseq.models.stca import STCAModel
-
-    return (STCAModel, LONGERModel)
 
 
 def _hardware() -> dict:

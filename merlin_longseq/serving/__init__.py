@@ -3,13 +3,8 @@
 Torch-only parts import here directly; export (merlin-systems), the server and the client import their
 dependencies when used.
 """
-from merlin_longseq.serving.scoring import (  # noqa: F401
-    RequestBatch,
-    RequestError,
-    RequestRules,
-    UserStateCache,
-    make_scorer,
-)
+from merlin_longseq.request import RequestBatch, RequestError, RequestLimits  # noqa: F401
+from merlin_longseq.serving.scoring import UserStateCache, make_scorer, serving_limits  # noqa: F401
 
 
 def export(*args, **kwargs):

@@ -21,14 +21,17 @@ import os
 import tempfile
 from typing import Sequence
 
+import numpy as np
 import torch
 from merlin.systems.dag import Ensemble
 from merlin.systems.dag.ops.workflow import TransformWorkflow
 from merlin.systems.dag.runtimes.triton import TritonExecutorRuntime
 from merlin.systems.dag.runtimes.triton.ops.workflow import TransformWorkflowTriton
 
-from merlin_longseq.serving.operator import PredictLongSeq, ServingColumns
-from merlin_longseq.serving.scoring import default_rules, model_architecture
+from merlin_longseq import registry
+from merlin_longseq.request import RequestColumns
+from merlin_longseq.serving.operator import PredictLongSeq
+from merlin_longseq.serving.scoring import serving_limits
 
 MANIFEST = "merlin_longseq.json"
 ENTRY_MODEL = "executor_model"
@@ -59,7 +62,7 @@ def find_item_vocabulary(workflow, item_column: str | None = None) -> tuple[str,
                      f"{sorted(found) or 'none'}); fit the workflow first or pass item_column")
 
 
-def serving_workflow(workflow, *, columns: ServingColumns | None = None, item_column: str | None = None,
+def serving_workflow(workflow, *, columns: RequestColumns | None = None, item_column: str | None = None,
                      out_path: str, user_dtype=None):
     """A fitted nvt.Workflow over the raw request columns: history and candidate item lists encoded with
     the training workflow's item vocabulary (jointly), the other request columns passed through.
@@ -71,7 +74,7 @@ def serving_workflow(workflow, *, columns: ServingColumns | None = None, item_co
     import pandas as pd
     from merlin.schema import ColumnSchema, Schema, Tags
 
-    columns = columns or ServingColumns()
+    columns = columns or RequestColumns()
     storage, path = find_item_vocabulary(workflow, item_column)
     joint = f"{columns.hist_item_id}_{columns.cand_item_id}"
     # the same vocabulary (same row index = same encoded id) under the joint name Categorify looks up
@@ -86,8 +89,7 @@ def serving_workflow(workflow, *, columns: ServingColumns | None = None, item_co
     encode.categories = {joint: joint_path}
     encode.storage_name = {columns.hist_item_id: joint, columns.cand_item_id: joint}
     encoded = [[columns.hist_item_id, columns.cand_item_id]] >> encode
-    passthrough = [c for c in columns.list_columns() + columns.scalar_columns()
-                   if c not in (columns.hist_item_id, columns.cand_item_id)]
+    passthrough = [c for c in columns.all if c not in (columns.hist_item_id, columns.cand_item_id)]
     flow = nvt.Workflow(encoded + passthrough if passthrough else encoded)
 
     def list_col(name, tags=()):
@@ -95,7 +97,7 @@ def serving_workflow(workflow, *, columns: ServingColumns | None = None, item_co
     inputs = [list_col(columns.hist_item_id, [Tags.ITEM, Tags.ID]),
               list_col(columns.cand_item_id, [Tags.ITEM, Tags.ID])]
     inputs += [list_col(c) for c in (columns.hist_action, columns.hist_timestamp) if c]
-    inputs += [ColumnSchema(c, dtype=user_dtype or md.int64) for c in columns.scalar_columns()]
+    inputs += [ColumnSchema(c, dtype=user_dtype or md.int64) for c in columns.scalars]
     flow.fit_schema(Schema(inputs))
     return flow
 
@@ -120,35 +122,89 @@ class NamedTransformWorkflowTriton(TransformWorkflowTriton):
                               node_id=f"{self.prefix}_{node_id}", version=version)
 
 
+def servable(model, task_names: Sequence[str] | None = None):
+    """(core model to serve, task names) for a registered core model or a trained Transformers4Rec model.
+
+    A tr.Model over a request block (STCABlock, LONGERBlock, ...) becomes the block's model with the T4R task
+    heads folded in as its task head (the served logits are the T4R model's pre-sigmoid scores).
+    """
+    try:
+        spec = registry.of_model(model)
+    except ValueError:
+        spec = None
+    if spec is not None:
+        if spec.kind == registry.RANKING and model.cfg.num_tasks == 0:
+            raise ValueError(f"this {type(model).__name__} is headless; export the Transformers4Rec model that "
+                             "holds its heads")
+        return model, (tuple(task_names) if task_names else None)
+    if not hasattr(model, "heads") or not hasattr(model, "modules"):
+        raise ValueError(f"cannot serve a {type(model).__name__}: expected a Transformers4Rec model or a core model "
+                         f"of a registered architecture ({', '.join(registry.names())})")
+    from merlin_longseq.t4r.request import RequestBlock, headed_core_model
+
+    if any(isinstance(m, RequestBlock) for m in model.modules()):
+        core, names = headed_core_model(model, task_names)
+        return core, names
+    from merlin_longseq.t4r.hstu import HSTUBlock
+
+    if any(isinstance(m, HSTUBlock) for m in model.modules()):
+        raise ValueError("exporting a Transformers4Rec next-item model (HSTUBlock) is not supported yet: train an "
+                         "HSTUNextItemModel, or serve the tr.Model in-process")
+    raise ValueError("this Transformers4Rec model holds no merlin-longseq block (STCABlock, LONGERBlock, ...)")
+
+
+def item_vocabulary(workflow, item_column: str | None = None):
+    """Raw item id of every encoded id (row index = encoded id) from the workflow's fitted Categorify."""
+    import pandas as pd
+
+    storage, path = find_item_vocabulary(workflow, item_column)
+    values = pd.read_parquet(path)[storage]
+    if values.isna().any():  # the null row: no raw id to return for it
+        values = values.fillna(0)
+    array = values.to_numpy()
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"top-k decoding needs integer raw item ids; the vocabulary holds {array.dtype}")
+    return array.astype(np.int64)
+
+
 def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int | None = None,
-           task_names: Sequence[str] | None = None, columns: ServingColumns | None = None,
+           task_names: Sequence[str] | None = None, columns: RequestColumns | None = None,
            item_column: str | None = None, device: str = "auto", cache_entries: int = 0,
-           cache_bytes: int = 1 << 30, check_unknown_items: bool = True, name: str = ENTRY_MODEL) -> dict:
+           cache_bytes: int = 1 << 30, check_unknown_items: bool = True, name: str = ENTRY_MODEL,
+           top_k: int = 0, exclude_history: bool = False, max_candidates: int | None = None) -> dict:
     """Write a Triton model repository serving `model` behind the item encoding of `workflow`.
 
     workflow: a fitted training workflow holding the item Categorify (build_request_workflow's, or
               sequences.build_encode_workflow's), or None when the request already carries model ids.
-    model:    STCAModel, LONGERModel or HSTUNextItemModel (trained on that encoding).
-    max_history: longest history accepted (HSTU: at most its max_seq_len; required for STCA/LONGER).
-    columns:  request column names; HSTU defaults to item, action and timestamp lists without request
-              time and user (set hist_action / hist_timestamp / user_id to use them).
+    model:    the trained Transformers4Rec model (tr.Model over STCABlock, LONGERBlock, MeanPoolBlock or
+              DINBlock with RequestBinaryClassificationTask heads), or a core model of a registered
+              architecture (STCAModel, LONGERModel, ..., HSTUNextItemModel) trained on that encoding.
+    max_history: longest history accepted (HSTU: at most its max_seq_len; required for ranking models).
+    columns:  request column names; next-item models default to item lists and user id only (set
+              hist_action / hist_timestamp to use them).
     cache_entries > 0 turns on the per-user cache of encoded user sides (bounded by cache_bytes too).
+    top_k > 0 (next-item models): every answer also holds the k best items of the catalogue (raw ids,
+              decoded through the workflow's vocabulary) with their scores; exclude_history leaves out
+              items already in the request's history. Candidates are then optional.
     name:     the entry model's name; export several models under different names into one repository
               to serve them from one server.
     Returns the manifest entry (also merged into repo_dir/merlin_longseq.json under "models"/name).
     """
     if not name or not all(ch.isalnum() or ch in "_-" for ch in name):
         raise ValueError(f"model name must be letters, digits, _ or -, got {name!r}")
-    arch = model_architecture(model)
+    model, task_names = servable(model, task_names)
+    spec = registry.of_model(model)
     if columns is None:
-        columns = ServingColumns() if arch != "hstu" else ServingColumns(
+        columns = RequestColumns() if spec.kind == registry.RANKING else RequestColumns(
             hist_action=None, hist_timestamp=None, request_time=None, user_id="user_id")
     model = copy.deepcopy(model).cpu().eval()
     unknown = CATEGORIFY_UNKNOWN_IDS if (workflow is not None and check_unknown_items) else ()
-    rules = default_rules(model, max_history, unknown)
+    limits = serving_limits(model, max_history, unknown, max_candidates=max_candidates)
+    vocabulary = item_vocabulary(workflow, item_column) if (top_k and workflow is not None) else None
     os.makedirs(repo_dir, exist_ok=True)
-    predict = PredictLongSeq(model, rules, task_names=task_names, columns=columns, device=device,
-                             cache_entries=cache_entries, cache_bytes=cache_bytes)
+    predict = PredictLongSeq(model, limits, task_names=task_names, columns=columns, device=device,
+                             cache_entries=cache_entries, cache_bytes=cache_bytes, top_k=top_k,
+                             exclude_history=exclude_history, item_vocabulary=vocabulary)
     with tempfile.TemporaryDirectory() as scratch:  # Workflow.save copies the vocabulary into the repo
         if workflow is not None:
             flow = serving_workflow(workflow, columns=columns, item_column=item_column, out_path=scratch)
@@ -161,7 +217,7 @@ def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int 
         ensemble.export(repo_dir, name=name, runtime=_named_runtime(name))
     manifest = {
         "model_name": name,
-        "inputs": {"lists": columns.list_columns(), "scalars": columns.scalar_columns()},
+        "inputs": {"lists": columns.lists, "scalars": columns.scalars},
         **predict.describe(),
     }
     path = os.path.join(repo_dir, MANIFEST)
@@ -172,12 +228,12 @@ def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int 
     return manifest
 
 
-def _raw_input_schema(columns: ServingColumns):
+def _raw_input_schema(columns: RequestColumns):
     import merlin.dtypes as md
     from merlin.schema import ColumnSchema, Schema
 
-    return Schema([ColumnSchema(c, dtype=md.int64, is_list=True, is_ragged=True) for c in columns.list_columns()]
-                  + [ColumnSchema(c, dtype=md.int64) for c in columns.scalar_columns()])
+    return Schema([ColumnSchema(c, dtype=md.int64, is_list=True, is_ragged=True) for c in columns.lists]
+                  + [ColumnSchema(c, dtype=md.int64) for c in columns.scalars])
 
 
 def read_manifest(repo_dir: str) -> dict:

@@ -1,20 +1,23 @@
 """PredictLongSeq: the model step of a merlin-systems ensemble, run in-process by the executor model (python
 backend) with PyTorch, our Triton kernels on GPU through the models' backend="auto".
 
-Input columns (after the NVTabular workflow), one row per request:
-    hist_item_id, hist_action, hist_timestamp  ragged lists (the user's history, most recent last)
-    cand_item_id                               ragged list (N candidates, N >= 1)
+Input columns (after the NVTabular workflow; names from the request core's RequestColumns), one row per request:
+    hist_item_id, hist_action, hist_timestamp  ragged lists (the user's history, oldest first)
+    cand_item_id                               ragged list (N candidates; N >= 1, or N >= 0 with top_k)
     request_time, user_id                      scalars (user_id also keys the optional user-side cache)
 Output columns: one ragged float32 list per task, `score_<task>` (`score` for an unnamed single task),
-aligned with cand_item_id (raw logits).
+aligned with cand_item_id (raw logits). A next-item model exported with top_k = k also returns
+`topk_item_id` (k raw item ids per request, best first) and `topk_score` (their logits).
 
-The module is not pickled with the ensemble: save_artifacts writes its config and weights next to the
-ensemble, load_artifacts rebuilds it when the executor model loads (on CUDA when the server sees a GPU).
+The module is not pickled with the ensemble: save_artifacts writes the model's description as JSON and its
+weights as a state dict; load_artifacts rebuilds it from the registry when the executor model loads (weights
+read with weights_only=True; on CUDA when the server sees a GPU).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -24,53 +27,14 @@ from merlin.dag import BaseOperator, ColumnSelector
 from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.table import TensorTable
 
-from merlin_longseq.serving.scoring import RequestBatch, RequestRules, UserStateCache, make_scorer, \
-    model_architecture
+from merlin_longseq import registry
+from merlin_longseq.request import RequestBatch, RequestColumns, RequestError, RequestLimits
+from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 
-ARTIFACT_FILE = "merlin_longseq_model.pt"
-
-
-@dataclass
-class ServingColumns:
-    """Column names of the request contract (workflows/request_grouping.py's output names by default)."""
-
-    hist_item_id: str = "hist_item_id"
-    hist_action: str | None = "hist_action"
-    hist_timestamp: str | None = "hist_timestamp"
-    request_time: str | None = "request_time"
-    user_id: str | None = "user_id"
-    cand_item_id: str = "cand_item_id"
-
-    def list_columns(self) -> list[str]:
-        return [c for c in (self.hist_item_id, self.hist_action, self.hist_timestamp, self.cand_item_id) if c]
-
-    def scalar_columns(self) -> list[str]:
-        return [c for c in (self.request_time, self.user_id) if c]
-
-
-def model_state(model: torch.nn.Module) -> dict:
-    """Everything needed to rebuild a served model: architecture, constructor arguments, weights."""
-    arch = model_architecture(model)
-    extra = {}
-    if arch == "hstu":
-        extra = {"num_items": model.num_items, "num_actions": model.tokenizer.action_embedding.num_embeddings - 1}
-    return {"arch": arch, "config": model.cfg, "extra": extra,
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-
-
-def build_model(state: dict) -> torch.nn.Module:
-    arch, cfg = state["arch"], state["config"]
-    if arch == "stca":
-        from merlin_longseq.models.stca import STCAModel
-        model = STCAModel(cfg)
-    elif arch == "longer":
-        from merlin_longseq.models.longer import LONGERModel
-        model = LONGERModel(cfg)
-    else:
-        from merlin_longseq.models.hstu import HSTUNextItemModel
-        model = HSTUNextItemModel(state["extra"]["num_items"], cfg, num_actions=state["extra"]["num_actions"])
-    model.load_state_dict(state["state_dict"])
-    return model.eval()
+CONFIG_FILE = "merlin_longseq_model.json"
+WEIGHTS_FILE = "merlin_longseq_model.pt"
+VOCABULARY_FILE = "merlin_longseq_items.npy"  # raw item id of every encoded id (top-k decoding)
+TOPK_IDS, TOPK_SCORES = "topk_item_id", "topk_score"
 
 
 def resolve_device(device: str) -> str:
@@ -81,82 +45,118 @@ def resolve_device(device: str) -> str:
     return device
 
 
-class PredictLongSeq(BaseOperator):
-    """Scores every request's candidates with an STCA, LONGER or HSTU model (user side once per request)."""
+def load_model(artifact_path: str) -> torch.nn.Module:
+    """The served model from an artifact folder: JSON description + state dict (weights_only)."""
+    with open(os.path.join(artifact_path, CONFIG_FILE), encoding="utf-8") as f:
+        description = json.load(f)
+    model = registry.model_from_dict(description)
+    state = torch.load(os.path.join(artifact_path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
-    def __init__(self, model: torch.nn.Module, rules: RequestRules, *, task_names=None,
-                 columns: ServingColumns | None = None, device: str = "auto", cache_entries: int = 0,
-                 cache_bytes: int = 1 << 30):
+
+class PredictLongSeq(BaseOperator):
+    """Scores every request's candidates with a registered model (user side once per request)."""
+
+    def __init__(self, model: torch.nn.Module, limits: RequestLimits, *, task_names=None,
+                 columns: RequestColumns | None = None, device: str = "auto", cache_entries: int = 0,
+                 cache_bytes: int = 1 << 30, top_k: int = 0, exclude_history: bool = False,
+                 item_vocabulary: np.ndarray | None = None):
         super().__init__()
-        self.arch = model_architecture(model)
-        self.rules = rules
-        self.columns = columns or ServingColumns()
-        num_tasks = 1 if self.arch == "hstu" else model.cfg.num_tasks
-        if self.arch == "stca" and task_names is None:
+        spec = registry.of_model(model)
+        self.arch = spec.name
+        self.kind = spec.kind
+        self.columns = columns or RequestColumns()
+        num_tasks = 1 if spec.kind == registry.NEXT_ITEM else model.cfg.num_tasks
+        if num_tasks < 1:
+            raise ValueError("a served model needs at least one task head")
+        if task_names is None and getattr(model.cfg, "tasks", None):
             task_names = model.cfg.tasks
         task_names = tuple(task_names or (["score"] if num_tasks == 1 else [f"task{i}" for i in range(num_tasks)]))
         if len(task_names) != num_tasks:
             raise ValueError(f"{len(task_names)} task names for a model with {num_tasks} tasks")
-        if num_tasks < 1:
-            raise ValueError("a served model needs at least one task head")
         self.task_names = task_names
+        if top_k and spec.kind != registry.NEXT_ITEM:
+            raise ValueError(f"top_k needs a next-item model; {spec.name} scores given candidates only")
+        if top_k < 0 or (top_k and top_k > model.num_items):
+            raise ValueError(f"top_k must lie in [0, {getattr(model, 'num_items', 0)}], got {top_k}")
+        self.top_k, self.exclude_history = int(top_k), bool(exclude_history)
+        if top_k:
+            limits = dataclasses.replace(limits, min_candidates=0)  # a top-k request needs no candidates
+        self.limits = limits
         self.device = device
         self.cache_entries, self.cache_bytes = int(cache_entries), int(cache_bytes)
-        if self.arch != "hstu":
-            if not (self.columns.hist_action and self.columns.hist_timestamp and self.columns.request_time):
-                raise ValueError(f"{self.arch} needs hist_action, hist_timestamp and request_time columns")
-        if rules.needs_user_ids and not self.columns.user_id:
+        if spec.kind == registry.RANKING:
+            missing = [f for f in ("hist_timestamp", "request_time") if getattr(self.columns, f) is None]
+            if missing:
+                raise ValueError(f"{self.arch} needs the request columns {missing}")
+        if limits.needs_user_ids and not self.columns.user_id:
             raise ValueError("this model needs user ids: set columns.user_id")
-        self._state = model_state(model)
+        self._description = registry.model_to_dict(model)
+        self._weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self._vocabulary = None if item_vocabulary is None else np.asarray(item_vocabulary)
         self._scorer = None
 
     # ---- schema -----------------------------------------------------------------------------------------
     @property
     def output_names(self) -> list[str]:
-        return [t if t == "score" else f"score_{t}" for t in self.task_names]
+        scores = [t if t == "score" else f"score_{t}" for t in self.task_names]
+        return scores + ([TOPK_IDS, TOPK_SCORES] if self.top_k else [])
 
     def compute_input_schema(self, root_schema, parents_schema, deps_schema, selector):
         schema = parents_schema + deps_schema
-        needed = self.columns.list_columns() + self.columns.scalar_columns()
-        missing = [c for c in needed if c not in schema.column_names]
+        missing = [c for c in self.columns.all if c not in schema.column_names]
         if missing:
             raise ValueError(f"PredictLongSeq needs column(s) {missing}; the workflow outputs "
                              f"{schema.column_names} (set `columns` to map the names)")
-        return schema[needed]
+        return schema[self.columns.all]
 
     def compute_selector(self, input_schema, selector, parents_selector=None, dependencies_selector=None):
-        return ColumnSelector(self.columns.list_columns() + self.columns.scalar_columns())
+        return ColumnSelector(self.columns.all)
 
     def compute_output_schema(self, input_schema, col_selector, prev_output_schema=None):
-        return Schema([ColumnSchema(name, dtype=md.float32, is_list=True, is_ragged=True,
-                                    tags=[Tags.CONTINUOUS]) for name in self.output_names])
+        columns = [ColumnSchema(name, dtype=md.float32, is_list=True, is_ragged=True, tags=[Tags.CONTINUOUS])
+                   for name in self.output_names if name != TOPK_IDS]
+        if self.top_k:
+            columns.append(ColumnSchema(TOPK_IDS, dtype=md.int64, is_list=True, is_ragged=True,
+                                        tags=[Tags.ITEM, Tags.ID]))
+        return Schema(columns)
 
     # ---- artifacts ----------------------------------------------------------------------------------------
     def save_artifacts(self, artifact_path=None):
-        if artifact_path:
-            torch.save(self._state, os.path.join(artifact_path, ARTIFACT_FILE))
+        if not artifact_path:
+            return
+        with open(os.path.join(artifact_path, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(self._description, f, indent=2)
+        torch.save(self._weights, os.path.join(artifact_path, WEIGHTS_FILE))
+        if self._vocabulary is not None:
+            np.save(os.path.join(artifact_path, VOCABULARY_FILE), self._vocabulary, allow_pickle=False)
 
     def load_artifacts(self, artifact_path=None):
-        state = self._state
-        if state is None:
-            state = torch.load(os.path.join(artifact_path, ARTIFACT_FILE), map_location="cpu", weights_only=False)
-        self._build(state)
+        if self._weights is None:
+            model = load_model(artifact_path)
+            vocabulary_path = os.path.join(artifact_path, VOCABULARY_FILE)
+            if os.path.exists(vocabulary_path):
+                self._vocabulary = np.load(vocabulary_path, allow_pickle=False)
+        else:
+            model = registry.model_from_dict(self._description)
+            model.load_state_dict(self._weights)
+        self._build(model.eval())
 
     def __getstate__(self):
-        # the ensemble pickle holds the recipe only; weights travel in the artifact file
-        return {k: (None if k in ("_state", "_scorer") else v) for k, v in self.__dict__.items()}
+        # the ensemble pickle holds the recipe only; the model travels in the artifact files
+        return {k: (None if k in ("_weights", "_scorer", "_vocabulary") else v) for k, v in self.__dict__.items()}
 
-    def _build(self, state):
+    def _build(self, model):
         cache = UserStateCache(self.cache_entries, self.cache_bytes) if self.cache_entries > 0 else None
-        self._scorer = make_scorer(build_model(state), self.rules, device=resolve_device(self.device),
-                                   cache=cache)
+        self._scorer = make_scorer(model, self.limits, device=resolve_device(self.device), cache=cache)
 
     @property
     def scorer(self):
         if self._scorer is None:
-            if self._state is None:
+            if self._weights is None:
                 raise RuntimeError("PredictLongSeq has no model: load_artifacts was not called")
-            self._build(self._state)
+            self.load_artifacts()
         return self._scorer
 
     # ---- inference -----------------------------------------------------------------------------------------
@@ -165,8 +165,18 @@ class PredictLongSeq(BaseOperator):
         batch = RequestBatch.from_arrays(**self._arrays(table))
         logits = self.scorer.score(batch).numpy().astype(np.float32)  # [C, tasks]
         offsets = batch.cand_offsets.numpy().astype(np.int32)
-        return TensorTable({name: (np.ascontiguousarray(logits[:, t]), offsets)
-                            for t, name in enumerate(self.output_names)})
+        out = {name: (np.ascontiguousarray(logits[:, t]), offsets)
+               for t, name in enumerate(self.output_names[:len(self.task_names)])}
+        if self.top_k:
+            ids, scores = self.scorer.top_k(batch, self.top_k, exclude_history=self.exclude_history,
+                                            never=self.limits.unknown_item_ids)
+            ids = ids.numpy()
+            if self._vocabulary is not None:
+                ids = self._vocabulary[ids]  # encoded -> raw item ids
+            k_offsets = (np.arange(batch.num_requests + 1) * self.top_k).astype(np.int32)
+            out[TOPK_IDS] = (np.ascontiguousarray(ids.reshape(-1).astype(np.int64)), k_offsets)
+            out[TOPK_SCORES] = (np.ascontiguousarray(scores.numpy().reshape(-1).astype(np.float32)), k_offsets)
+        return TensorTable(out)
 
     def _arrays(self, table) -> dict:
         cols = self.columns
@@ -179,14 +189,14 @@ class PredictLongSeq(BaseOperator):
         hist_items, hist_offsets = column(cols.hist_item_id)
         cand_items, cand_offsets = column(cols.cand_item_id)
         if hist_offsets is None or cand_offsets is None:
-            raise ValueError(f"{cols.hist_item_id} and {cols.cand_item_id} must be ragged list columns")
+            raise RequestError(f"{cols.hist_item_id} and {cols.cand_item_id} must be ragged list columns")
         arrays = dict(hist_item_ids=hist_items, hist_offsets=hist_offsets, cand_item_ids=cand_items,
                       cand_offsets=cand_offsets)
         for field, name in (("hist_actions", cols.hist_action), ("hist_timestamps", cols.hist_timestamp)):
             if name:
                 values, offsets = column(name)
                 if offsets is not None and not np.array_equal(offsets, hist_offsets):
-                    raise ValueError(f"{name} must have one value per history event (as {cols.hist_item_id})")
+                    raise RequestError(f"{name} must have one value per history event (as {cols.hist_item_id})")
                 arrays[field] = values
         for field, name in (("request_time", cols.request_time), ("user_ids", cols.user_id)):
             if name:
@@ -194,7 +204,8 @@ class PredictLongSeq(BaseOperator):
         return arrays
 
     def describe(self) -> dict:
-        return {"arch": self.arch, "tasks": list(self.task_names), "outputs": self.output_names,
-                "columns": asdict(self.columns), "max_history": self.rules.max_history,
-                "unknown_item_ids": list(self.rules.unknown_item_ids), "device": self.device,
-                "cache_entries": self.cache_entries}
+        return {"arch": self.arch, "kind": self.kind, "tasks": list(self.task_names), "outputs": self.output_names,
+                "columns": dataclasses.asdict(self.columns), "max_history": self.limits.max_history,
+                "max_candidates": self.limits.max_candidates, "top_k": self.top_k,
+                "exclude_history": self.exclude_history, "unknown_item_ids": list(self.limits.unknown_item_ids),
+                "device": self.device, "cache_entries": self.cache_entries}

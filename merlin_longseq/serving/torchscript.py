@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from merlin_longseq import registry
 from merlin_longseq.models.stca import STCAModel
 
 TORCHSCRIPT_FILE = "model.pt"  # the file merlin-systems writes into <node>/1/
@@ -85,12 +86,11 @@ def trace_stca(model: STCAModel, example: Sequence[torch.Tensor] | None = None) 
     example: the wrapper's arguments (see STCATorchScriptWrapper.forward); a small built-in request when
     None. The trace does not depend on the example's lengths or request count (tests/test_torchscript.py).
     """
+    spec = registry.of_model(model)
+    if not spec.traceable:
+        raise ValueError(f"{type(model).__name__} does not trace: its reference path pads to Python-int lengths that "
+                         "a trace would freeze; serve it with merlin_longseq.serving.export (python backend)")
     if not isinstance(model, STCAModel):
-        from merlin_longseq.models.longer import LONGERModel
-
-        if isinstance(model, LONGERModel):
-            raise ValueError("LONGERModel does not trace: its reference path pads to Python-int lengths that a "
-                             "trace would freeze; serve it with merlin_longseq.serving.export (python backend)")
         raise ValueError(f"trace_stca needs an STCAModel, got {type(model).__name__}")
     if model.heads is None:
         raise ValueError("this STCAModel is headless (tasks=()): there are no scores to serve")

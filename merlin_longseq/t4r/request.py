@@ -20,17 +20,25 @@ Why each piece exists (Transformers4Rec 23.12 / merlin-dataloader 23.8):
   slot and counts it as a negative in the loss and the metrics (padded labels are 0, indistinguishable
   from a real negative). This subclass keeps only the real candidates, using the mask the block records
   on each forward (as T4R's own masking modules record theirs).
-- request_dataloader: the merlin Loader cannot pop ragged list columns as targets (KeyError on the
-  label: they arrive as `name__values` / `name__offsets`), and T4R's padding pads every list to one
-  length and truncates from the right, which would drop the MOST RECENT events. So the loader reads labels
-  as ordinary list columns and a Loader.map step checks that every label list has one value per
-  candidate, pads each list to its own batch maximum and moves the labels into the targets dict.
+- request_dataloader / RequestDataLoader: the merlin Loader cannot pop ragged list columns as targets
+  (KeyError on the label: they arrive as `name__values` / `name__offsets`), and T4R's padding pads every list
+  to one length and truncates from the right, which would drop the MOST RECENT events. So the loader reads
+  labels as ordinary list columns and a Loader.map step checks that every label list has one value per
+  candidate, pads each list to its own batch maximum and moves the labels into the targets dict. An optional
+  `transform` (e.g. extrapolation.RecentHistoryWindow) runs after it, on every batch of every epoch.
+  RequestDataLoader is registered as the T4R data loader engine "merlin_request", so the stock
+  `tr.Trainer(model, args, schema=schema, train_dataset_or_path=...)` builds it when
+  `T4RecTrainingArguments(data_loader_engine="merlin_request")` (T4R's default engine, "merlin", fails on
+  request data with `KeyError: '<label>'`, the untagging problem above).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
 
 import torch
 import torchmetrics as tm
@@ -38,7 +46,7 @@ from merlin.schema import Schema as CoreSchema
 from merlin.schema import Tags, TagSet
 from transformers4rec.torch.block.base import BlockBase
 from transformers4rec.torch.model.prediction_task import BinaryClassificationTask
-from transformers4rec.torch.utils.data_utils import MerlinDataLoader
+from transformers4rec.torch.utils.data_utils import DLDataLoader, T4RecDataLoader, dataloader_registry
 from transformers4rec.torch.utils.padding import pad_batch
 
 from merlin_longseq import registry
@@ -65,10 +73,21 @@ def columns_and_sizes(schema, columns: RequestColumns | None, use_user_id: bool,
 
     Sizes come from the schema's int domains (num_items: both item columns; num_actions; num_users, 0 when the
     user column is absent or use_user_id is False); a size given in config_fields wins and is not returned.
+    A user column without an int domain (RequestGrouping writes user_id raw: raw ids can be any size, so no
+    embedding table is sized from them) also gives num_users = 0, with a warning that says how to get a user
+    token (Categorify user_id after the grouping, or pass num_users=). An event log without actions has no
+    hist_action column: num_actions = 0 and the block reads every action as 0.
     """
     schema = _core_schema(schema)
     columns = columns or RequestColumns()
     if not use_user_id or (columns.user_id is not None and columns.user_id not in schema.column_names):
+        columns = columns.without("user_id")
+    if (columns.user_id is not None and "num_users" not in config_fields
+            and _domain_max(schema, columns.user_id) is None):
+        warnings.warn(f"the schema's {columns.user_id!r} column has no int domain (raw ids, as RequestGrouping "
+                      "writes them): the block gets no user token (num_users=0). Categorify the user column "
+                      "after the grouping to learn one, pass num_users=, or use_user_id=False to silence this",
+                      UserWarning, stacklevel=3)
         columns = columns.without("user_id")
     if columns.hist_action is not None and columns.hist_action not in schema.column_names:
         columns = columns.without("hist_action")  # an event log without actions: every action is 0
@@ -96,6 +115,9 @@ def columns_and_sizes(schema, columns: RequestColumns | None, use_user_id: bool,
     return schema, columns, sizes
 
 
+_FROM_COLUMNS = object()  # RequestBlock's default user_column: the user column of its columns
+
+
 class RequestBlock(BlockBase):
     """A registered ranking architecture as a Transformers4Rec body: request dict in, [B, C, hidden] out.
 
@@ -104,17 +126,22 @@ class RequestBlock(BlockBase):
             heads are the T4R prediction tasks (RequestBinaryClassificationTask).
         columns: request column names (RequestColumns defaults).
         schema: the request schema (what tr.Model.input_schema reports).
-    After every forward `candidate_mask` [B, C] (bool, True on real candidates) describes the output, which is
+        user_column: the input column of the requests' user ids, recorded for per-user metrics (GAUC) even
+            when the model does not read users; default columns.user_id ("user_id"). None: not recorded.
+    After every forward `candidate_mask` [B, C] (bool, True on real candidates) describes the output and
+    `request_user_ids` [B] holds the batch's user ids (None when the inputs have no user column); both are
     what RequestBinaryClassificationTask reads. Training-only behaviour (the length sampler) follows the
     module's train()/eval() mode.
     """
 
     arch: str = ""  # the registry name; set by the named subclasses (STCABlock, ...)
 
-    def __init__(self, config, columns: RequestColumns | None = None, schema=None, arch: str | None = None):
+    def __init__(self, config, columns: RequestColumns | None = None, schema=None, arch: str | None = None,
+                 user_column=_FROM_COLUMNS):
         super().__init__()
         spec = self._spec(config, arch)
         columns = columns or RequestColumns()
+        self.user_column = columns.user_id if user_column is _FROM_COLUMNS else user_column
         if config.uses_users and columns.user_id is None:
             raise ValueError(f"this {spec.name} config reads user ids (num_users={config.num_users}), but "
                              "columns.user_id is None")
@@ -125,6 +152,7 @@ class RequestBlock(BlockBase):
         self.config = config.headless()  # the T4R tasks are the heads
         self.model = spec.model_class(self.config)
         self.candidate_mask = None
+        self.request_user_ids = None
         self.schema = schema
 
     @classmethod
@@ -152,9 +180,10 @@ class RequestBlock(BlockBase):
         spec = registry.get(arch or cls.arch) if (arch or cls.arch) else None
         if spec is None:
             raise ValueError(f"pass arch= (one of {registry.names(registry.RANKING)}) or use a named block")
+        user_column = (columns or RequestColumns()).user_id  # kept for GAUC even when the model reads no users
         schema, columns, sizes = columns_and_sizes(schema, columns, use_user_id, config_fields)
         config = spec.config_class(**sizes, **config_fields)
-        return cls(config.headless(), columns, schema=schema, arch=spec.name)
+        return cls(config.headless(), columns, schema=schema, arch=spec.name, user_column=user_column)
 
     # ---- T4R plumbing ---------------------------------------------------------------------------------
     @property
@@ -194,12 +223,23 @@ class RequestBlock(BlockBase):
         return batch
 
     def forward(self, inputs, training=False, testing=False, **kwargs):
+        if torch.jit.is_tracing():
+            # the padded <-> jagged conversion reads lengths as Python ints, which a trace would freeze into a
+            # graph that silently fails on other shapes: refuse here instead
+            raise RuntimeError(f"{type(self).__name__} cannot be traced with torch.jit.trace (the trace would keep "
+                               "this batch's lengths); serve the trained model with "
+                               "merlin_longseq.serving.export(repo, workflow, model) instead")
         batch = self.request_batch(inputs)
         state = self.model.encode_user(**batch.history)  # the user side, once per request (RLB)
         hidden = self.model.candidate_hidden(state, batch.cand_item_ids, batch.cand_offsets)  # [C, hidden]
         width = inputs[self.columns.cand_item_id].shape[1]  # the task's labels are padded to this width
         self.candidate_mask = padding_mask(batch.candidate_counts, width)
+        self._record_user_ids(inputs)
         return jagged_to_padded(hidden, batch.cand_offsets, width)  # [B, C, hidden]
+
+    def _record_user_ids(self, inputs):
+        users = inputs.get(self.user_column) if self.user_column else None
+        self.request_user_ids = None if users is None else users.reshape(-1)
 
     # ---- serving halves: encode a batch of requests once, score candidates against it as often as needed
     def encode_user(self, inputs):
@@ -223,6 +263,7 @@ class RequestBlock(BlockBase):
         cand_items, cand_offsets = padded_to_jagged(cand_item_id, lengths)
         hidden = self.model.candidate_hidden(state, cand_items, cand_offsets)
         self.candidate_mask = padding_mask(lengths, cand_item_id.shape[1])
+        self.request_user_ids = None  # the encoded state does not say whose it is
         return jagged_to_padded(hidden, cand_offsets, cand_item_id.shape[1])
 
 
@@ -263,6 +304,10 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
     T4R's metrics and the Trainer's evaluation see no padding. Inference: [B, C] probabilities, padded
     candidates set to 0. Default metrics: fresh binary Precision, Recall, Accuracy and AUROC per task (the
     stock default shares one set of metric objects among all tasks) on probabilities, not rounded scores.
+    Per-user metrics (merlin_longseq.t4r.metrics.GAUC, any metric with `needs_groups`) also get the user id of
+    every real candidate: T4R's metric call passes predictions and labels only, so the task keeps the user ids
+    of its last forward beside those predictions and hands them over when the same predictions come back to
+    calculate_metrics (tr.Trainer.evaluate, tr.Model.evaluate and tr.Model.fit call it right after forward).
     """
 
     def __init__(self, target_name: str, task_name: str | None = None, task_block=None,
@@ -274,6 +319,7 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
                          loss=loss if loss is not None else torch.nn.BCELoss(), metrics=metrics, summary_type=None)
         self.forward_to_prediction_fn = _identity
         self._request_block: tuple = ()  # a tuple, so the block is not registered as a second parent
+        self._last_output: tuple = ()  # (predictions, user id per prediction or None) of the last forward
 
     def build(self, body, input_size, inputs=None, device=None, task_block=None, pre=None):
         self._request_block = (find_request_block(body),)
@@ -299,11 +345,31 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
             raise RequestError(f"labels {self.target_name!r} have shape {tuple(targets.shape)} but the candidates "
                                f"{tuple(mask.shape)}: a label list must be aligned with cand_item_id")
         predictions, labels = probabilities[mask], targets[mask].to(probabilities.dtype)
+        users = self._request_block[0].request_user_ids
+        groups = None if users is None else users.reshape(-1, 1).expand_as(mask)[mask]
+        self._last_output = (predictions.detach(), groups)
         return {"loss": self.loss(predictions, labels), "labels": labels, "predictions": predictions}
 
     def calculate_metrics(self, predictions, targets):
         # every metric here is binary: give all of them int labels (the stock code does it only for its defaults)
-        return {self.metric_name(m): m(predictions, targets.int()) for m in self.metrics}
+        targets = targets.int()
+        return {self.metric_name(m): (m(predictions, targets, self._groups_of(predictions, m))
+                                      if getattr(m, "needs_groups", False) else m(predictions, targets))
+                for m in self.metrics}
+
+    def _groups_of(self, predictions, metric) -> torch.Tensor:
+        """The user ids of `predictions`, which must be the predictions of this task's last forward."""
+        last = self._last_output
+        # detach() and T4R's nested_detach share storage: the same data pointer means the same batch
+        if not last or last[0].shape != predictions.shape or last[0].data_ptr() != predictions.data_ptr():
+            raise RuntimeError(f"{type(metric).__name__} needs the user ids of the predictions it gets: call "
+                               "calculate_metrics with the predictions of the task's last forward (as tr.Trainer "
+                               "and tr.Model.evaluate / fit do)")
+        if last[1] is None:
+            block = self._request_block[0]
+            raise ValueError(f"{type(metric).__name__} needs the user id of every request, but the batch has no "
+                             f"{block.user_column!r} column (request_dataloader loads it when the data has it)")
+        return last[1]
 
     def head_linear(self) -> torch.nn.Linear:
         """The Linear(hidden, 1) under the sigmoid: what a served model computes as this task's logit."""
