@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RANKING, NEXT_ITEM = "ranking", "next_item"
 
@@ -31,6 +31,8 @@ class Architecture:
     block: str  # Transformers4Rec block class name (merlin_longseq.t4r)
     summary: str
     traceable: bool = False  # TorchScript (torch.jit.trace + PredictPyTorch) supports it
+    # the smallest sensible config fields besides the table sizes: smoke runs (--quick) and contract tests
+    tiny: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def config_class(self):
@@ -47,15 +49,19 @@ class Architecture:
 
 _ENTRIES = (
     Architecture("stca", RANKING, "merlin_longseq.models.stca", "STCAConfig", "STCAModel", "STCABlock",
-                 "stacked target-to-history cross attention (RLB, length extrapolation)", traceable=True),
+                 "stacked target-to-history cross attention (RLB, length extrapolation)", traceable=True,
+                 tiny=dict(d_model=8, n_heads=2, n_layers=1, mlp_dims=(8,))),
     Architecture("longer", RANKING, "merlin_longseq.models.longer", "LONGERConfig", "LONGERModel", "LONGERBlock",
-                 "global tokens, token merge, hybrid attention, KV cache"),
+                 "global tokens, token merge, hybrid attention, KV cache",
+                 tiny=dict(token_dim=4, merge_size=2, n_heads=2, n_layers=2, num_recent_queries=2, head_hidden=8)),
     Architecture("mean-pool", RANKING, "merlin_longseq.models.pooling", "MeanPoolConfig", "MeanPoolModel",
-                 "MeanPoolBlock", "mean of the history tokens (baseline)"),
+                 "MeanPoolBlock", "mean of the history tokens (baseline)", tiny=dict(d_model=8, mlp_dims=(8,))),
     Architecture("din", RANKING, "merlin_longseq.models.din", "DINConfig", "DINModel", "DINBlock",
-                 "DIN-style target attention pooling (baseline)"),
+                 "DIN-style target attention pooling (baseline)",
+                 tiny=dict(d_model=8, mlp_dims=(8,), attention_dims=(8,))),
     Architecture("hstu", NEXT_ITEM, "merlin_longseq.models.hstu", "HSTUConfig", "HSTUNextItemModel", "HSTUBlock",
-                 "HSTU / ULTRA-HSTU pointwise attention, next-item"),
+                 "HSTU / ULTRA-HSTU pointwise attention, next-item",
+                 tiny=dict(d_model=8, n_heads=2, n_layers=1, max_seq_len=32)),
 )
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ENTRIES}
 

@@ -305,6 +305,17 @@ class RequestBatch:
                                    hist_actions=pick(self.hist_actions), hist_timestamps=pick(self.hist_timestamps),
                                    max_history_len=min(self.max_history_len, max_len))
 
+    def per_target(self) -> "RequestBatch":
+        """The naive layout RLB is measured against: every candidate becomes its own request with its own copy
+        of its request's history (scores come out in the same candidate order)."""
+        owner = torch.repeat_interleave(torch.arange(self.num_requests, device=self.cand_offsets.device),
+                                        self.candidate_counts)  # [C]
+        copies = self.select(owner)
+        return dataclasses.replace(copies, cand_item_ids=self.cand_item_ids, labels=self.labels,
+                                   cand_offsets=torch.arange(self.cand_item_ids.shape[0] + 1,
+                                                             device=self.cand_offsets.device),
+                                   max_candidates=1 if self.cand_item_ids.numel() else 0)
+
     def to(self, device) -> "RequestBatch":
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                  for f in dataclasses.fields(self)}

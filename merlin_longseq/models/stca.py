@@ -45,12 +45,11 @@ from torch import nn
 
 from merlin_longseq.backend import Backend
 from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
-from merlin_longseq.jagged import jagged_positions, lengths_from_offsets, offsets_from_lengths, \
-    validate_offsets
+from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
-from merlin_longseq.request import RequestLimits, check_candidates, check_history
+from merlin_longseq.request import RequestBatch, RequestLimits, check_candidates, check_history
 
 
 @dataclass
@@ -292,22 +291,7 @@ class STCAModel(nn.Module):
 
 def per_target_layout(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
                       cand_offsets, user_ids=None) -> dict:
-    """Rewrite a request batch so that every target is its own request with its own copy of the history.
-
-    Returns the keyword arguments of STCAModel.forward; logits come out in the same candidate order.
-    """
-    validate_offsets(hist_offsets, total=hist_item_ids.shape[0])
-    validate_offsets(cand_offsets, total=cand_item_ids.shape[0])
-    requests = hist_offsets.numel() - 1
-    request_of_target = torch.repeat_interleave(torch.arange(requests, device=cand_offsets.device),
-                                                lengths_from_offsets(cand_offsets))  # [T]
-    copy_offsets = offsets_from_lengths(lengths_from_offsets(hist_offsets)[request_of_target])  # [T + 1]
-    copy_index, position = jagged_positions(copy_offsets)
-    source = hist_offsets[:-1][request_of_target[copy_index]] + position  # event of the original history
-    return dict(
-        hist_item_ids=hist_item_ids[source], hist_actions=hist_actions[source],
-        hist_timestamps=hist_timestamps[source], hist_offsets=copy_offsets,
-        request_time=request_time[request_of_target], cand_item_ids=cand_item_ids,
-        cand_offsets=torch.arange(cand_item_ids.shape[0] + 1, device=cand_offsets.device),
-        user_ids=user_ids[request_of_target] if user_ids is not None else None,
-    )
+    """Keyword arguments of STCAModel.forward in the per-target layout (RequestBatch.per_target)."""
+    return RequestBatch(hist_item_ids=hist_item_ids, hist_offsets=hist_offsets, cand_item_ids=cand_item_ids,
+                        cand_offsets=cand_offsets, hist_actions=hist_actions, hist_timestamps=hist_timestamps,
+                        request_time=request_time, user_ids=user_ids).per_target().model_inputs
