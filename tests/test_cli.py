@@ -49,3 +49,32 @@ def test_demo_models_are_causal(tmp_path):
         model = next_item.build_t4r_model(schema, arch, cfg)
         model(batch, training=True)  # builds the lazy layers
         assert check_causal(model, batch, position=30) == 0.0, arch
+
+
+def test_job_flags_come_from_the_job_config(monkeypatch, tmp_path):
+    """`merlin-longseq ranking` exposes the config's fields as flags and hands the edited config to run()."""
+    from merlin_longseq.jobs import ranking
+
+    seen = []
+    monkeypatch.setattr(ranking, "run", lambda run_dir, cfg, **kwargs: seen.append((run_dir, cfg)))
+    out = tmp_path / "r"
+    assert cli.main(["ranking", "--quick", "--epochs", "2", "--archs", "stca", "din", "--eval-lengths", "8", "16",
+                     "--no-progress", "--out", str(out)]) == 0
+    run_dir, cfg = seen[0]
+    assert run_dir == str(out) and cfg.epochs == 2 and cfg.archs == ("stca", "din")
+    assert cfg.eval_lengths == (8, 16) and cfg.progress is False
+    assert cfg.batch_size == ranking.RankingJobConfig.quick().batch_size  # untouched fields keep the preset
+    out.mkdir()
+    (out / "report.md").write_text("an earlier run")
+    with pytest.raises(SystemExit, match="not empty"):  # never appends to another run's folder
+        cli.main(["ranking", "--quick", "--out", str(out)])
+
+
+def test_pass_through_commands_hand_their_flags_over(monkeypatch):
+    import merlin_longseq.train_ddp as train_ddp
+
+    seen = []
+    monkeypatch.setattr(train_ddp, "main", lambda argv: seen.append(argv) or 0)
+    assert cli.main(["train", "--arch", "longer", "--steps", "3"]) == 0
+    assert seen == [["--arch", "longer", "--steps", "3"]]
+    assert cli.main(["bench", "no-such-benchmark"]) == 2

@@ -131,13 +131,15 @@ class TritonServer:
             "--strict-readiness=true",
         ]
 
-    def start(self, timeout_s: float = 120) -> "TritonServer":
+    def start(self, timeout_s: float = 120, progress: bool = False) -> "TritonServer":
         backend_dir = self._backend_dir = prepare_backend_dir()
-        self._log = open(self.log_file, "ab") if self.log_file else tempfile.TemporaryFile()
+        # "a+b": appended to, and readable for log_tail (an "ab" file made every failed start end in
+        # io.UnsupportedOperation instead of the server's own message)
+        self._log = open(self.log_file, "a+b") if self.log_file else tempfile.TemporaryFile()
         self.process = subprocess.Popen(self.command(backend_dir), env=server_environment(), stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=_term_when_parent_dies)
-        self.wait_ready(timeout_s)
+        self.wait_ready(timeout_s, progress=progress)
         return self
 
     def is_ready(self) -> bool:
@@ -147,15 +149,20 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
-                                  + self.log_tail())
-            if self.is_ready():
-                return
-            time.sleep(0.25)
+    def wait_ready(self, timeout_s: float, progress: bool = False) -> None:
+        from tqdm.auto import tqdm
+
+        start = time.monotonic()
+        deadline = start + timeout_s
+        with tqdm(total=round(timeout_s), desc="server start", unit="s", disable=not progress, leave=False) as bar:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ServerError(f"tritonserver exited with code {self.process.returncode} while starting:\n"
+                                      + self.log_tail())
+                if self.is_ready():
+                    return
+                time.sleep(0.25)
+                bar.update(round(time.monotonic() - start) - bar.n)
         self.stop()
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n" + self.log_tail())
 
