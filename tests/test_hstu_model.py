@@ -617,6 +617,7 @@ def test_mixture_needs_valid_token_types():
         (dict(num_position_buckets=-1), "num_position_buckets and num_time_buckets must be >= 0"),
         (dict(local_window=0), "local_window must be >= 1"),
         (dict(global_prefix=-1), "global_prefix must be >= 0"),
+        (dict(global_prefix=4), "global_prefix=4 needs local_window"),
         (dict(truncated_layers=3), r"truncated_layers must be in \[0, n_layers=2\]"),
         (dict(truncated_layers=-1), r"truncated_layers must be in \[0, n_layers=2\]"),
         (dict(truncated_layers=1), "truncated_layers > 0 needs truncated_len"),
@@ -634,3 +635,34 @@ def test_config_defaults_follow_d_model_and_heads():
     cfg = make_config(d_model=12, n_heads=3)
     assert (cfg.attn_dim, cfg.hidden_dim) == (4, 4)
     assert cfg.alpha == pytest.approx(0.5)
+
+
+def test_build_takes_the_transformers4rec_signature():
+    cfg = HSTUConfig.build(d_model=12, n_head=3, n_layer=4, total_seq_length=50)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.max_seq_len) == (12, 3, 4, 50)
+    # positionally too, as tr.XLNetConfig.build(d_model, n_head, n_layer, total_seq_length)
+    assert HSTUConfig.build(12, 3, 4, 50) == cfg
+    # HSTU's own dropout default, not T4R's 0.3; an explicit one is kept
+    assert cfg.dropout == HSTUConfig().dropout == 0.1
+    assert HSTUConfig.build(12, 3, 4, 50, dropout=0.0).dropout == 0.0
+    # HSTUConfig fields pass through; T4R keywords without an HSTU meaning are accepted and change nothing
+    assert HSTUConfig.build(12, 3, 4, 50, local_window=8).local_window == 8
+    ignored = dict(hidden_act="gelu", initializer_range=0.02, layer_norm_eps=1e-3, pad_token=0,
+                   log_attention_weights=False, mem_len=1)
+    assert HSTUConfig.build(12, 3, 4, 50, **ignored) == cfg
+    assert HSTUConfig.build(12, 3, 4, 50, attn_type="uni").causal
+    assert not HSTUConfig.build(12, 3, 4, 50, attn_type="bi").causal
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(), ValueError, "needs total_seq_length"),
+    (dict(total_seq_length=50, max_seq_len=60), ValueError, "not both"),
+    (dict(total_seq_length=50, attn_type="sideways"), ValueError, "attn_type must be"),
+    (dict(total_seq_length=50, attn_type="bi", causal=True), ValueError, "contradicts"),
+    (dict(total_seq_length=50, n_heads=4), TypeError, "takes T4R's names"),
+    (dict(total_seq_length=50, heads=4), TypeError, r"unknown keyword\(s\) \['heads'\]"),
+    (dict(total_seq_length=50, global_prefix=2), ValueError, "needs local_window"),
+])
+def test_build_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        HSTUConfig.build(d_model=8, n_head=2, n_layer=1, **kwargs)

@@ -110,6 +110,9 @@ class HSTUConfig:
                              "be fixed (the padded session length, e.g. the input module's max_sequence_length)")
         if "max_seq_len" in kwargs:
             raise ValueError("pass total_seq_length (T4R's name) or build HSTUConfig(max_seq_len=...), not both")
+        doubled = sorted({"d_model", "n_heads", "n_layers"} & set(kwargs))
+        if doubled:
+            raise TypeError(f"HSTUConfig.build got {doubled} twice: it takes T4R's names d_model, n_head, n_layer")
         for name in _T4R_IGNORED_KEYWORDS:
             kwargs.pop(name, None)
         attn_type = kwargs.pop("attn_type", None)

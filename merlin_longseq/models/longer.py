@@ -93,8 +93,9 @@ from torch.utils.checkpoint import checkpoint
 from merlin_longseq.backend import Backend, resolve_backend
 from merlin_longseq.buckets import log2_buckets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
-from merlin_longseq.request import RequestError, RequestLimits, check_candidates, check_history
-from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
+from merlin_longseq.models.base import RankingModel
+from merlin_longseq.request import RequestError, check_candidates, check_history
+from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.ops.group_attention import group_attention
 from merlin_longseq.ops.target_attention import target_attention
 from merlin_longseq.jagged import (
@@ -552,7 +553,7 @@ class HybridCrossLayer(nn.Module):
 # ------------------------------------------------------------------------------------------------- model
 
 
-class LONGERModel(nn.Module):
+class LONGERModel(RankingModel):
     """LONGER ranking model; forward(...) = score(encode_user(...), ...). See the module docstring."""
 
     def __init__(self, cfg: LONGERConfig):
@@ -594,22 +595,8 @@ class LONGERModel(nn.Module):
 
     # ---- public API
 
-    @property
-    def limits(self) -> RequestLimits:
-        return RequestLimits.of(self.cfg)
-
-    @property
-    def task_head(self) -> nn.Linear:
-        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
-        if self.cfg.num_tasks == 0:
-            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+    def _task_linear(self) -> nn.Linear:
         return self.head[2]
-
-    def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
-                cand_item_ids, cand_offsets, user_ids=None):
-        """-> logits [C, num_tasks] for every candidate, in the order of cand_item_ids."""
-        cache = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        return self.score_candidates(cache, cand_item_ids, cand_offsets)
 
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                     user_ids=None) -> UserCache:
@@ -700,11 +687,8 @@ class LONGERModel(nn.Module):
         RequestFeatures of the global tokens."""
         cfg = self.cfg
         check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        if self.training and cfg.length_sampler is not None:
-            new_lengths = cfg.length_sampler.sample(lengths_from_offsets(hist_offsets))
-            keep, hist_offsets = keep_recent(hist_offsets, new_lengths)
-            hist_item_ids, hist_actions, hist_timestamps = (t[keep] for t in (hist_item_ids, hist_actions,
-                                                                             hist_timestamps))
+        hist_item_ids, hist_actions, hist_timestamps, hist_offsets = self.sample_recent(
+            hist_item_ids, hist_actions, hist_timestamps, hist_offsets)
         tokens = self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps, hist_offsets,
                                 request_time)  # [N, d]
         groups, slot_valid, group_offsets = group_history(tokens, hist_offsets, cfg.merge_size)

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
+from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
-from merlin_longseq.request import RequestLimits, check_candidates, check_history
+from merlin_longseq.models.base import RankingModel
+from merlin_longseq.request import check_candidates, check_history
 
 
 @dataclass
@@ -77,7 +78,7 @@ class MeanPoolUserState:
         return self.pooled.shape[0]
 
 
-class MeanPoolModel(nn.Module):
+class MeanPoolModel(RankingModel):
     def __init__(self, cfg: MeanPoolConfig):
         super().__init__()
         self.cfg = cfg
@@ -94,15 +95,7 @@ class MeanPoolModel(nn.Module):
         self.hidden_dim = width
         self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
 
-    @property
-    def limits(self) -> RequestLimits:
-        return RequestLimits.of(self.cfg)
-
-    @property
-    def task_head(self) -> nn.Linear:
-        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
-        if self.cfg.num_tasks == 0:
-            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+    def _task_linear(self) -> nn.Linear:
         return self.heads
 
     # ---- pieces shared with the pooling variants (DIN): checked history tokens and the tower
@@ -112,11 +105,8 @@ class MeanPoolModel(nn.Module):
         """Checked inputs -> (event tokens [N, d], hist_offsets (after the training-time length sampler),
         user tokens [R, d] or None). Timestamps are accepted for interface parity and not used."""
         check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        if self.training and self.cfg.length_sampler is not None:
-            kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
-                lengths_from_offsets(hist_offsets)))
-            hist_item_ids, hist_actions = hist_item_ids[kept], hist_actions[kept]
-            hist_timestamps = hist_timestamps[kept] if hist_timestamps is not None else None
+        hist_item_ids, hist_actions, hist_timestamps, hist_offsets = self.sample_recent(
+            hist_item_ids, hist_actions, hist_timestamps, hist_offsets)
         tokens = self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps, hist_offsets,
                                 request_time)  # [N, d]
         user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
@@ -155,12 +145,6 @@ class MeanPoolModel(nn.Module):
         if self.heads is None:
             raise RuntimeError(f"this {type(self).__name__} was built headless (tasks=()); use candidate_hidden")
         return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
-
-    def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
-                cand_offsets, user_ids=None) -> torch.Tensor:
-        """Logits [total_candidates, num_tasks], candidates in request order."""
-        state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        return self.score_candidates(state, cand_item_ids, cand_offsets)
 
 
 def request_of_candidates(num_requests: int, cand_offsets: torch.Tensor) -> torch.Tensor:

@@ -44,12 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from merlin_longseq.backend import Backend
-from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
+from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
-from merlin_longseq.request import RequestBatch, RequestLimits, check_candidates, check_history
+from merlin_longseq.models.base import RankingModel
+from merlin_longseq.request import RequestBatch, check_candidates, check_history
 
 
 @dataclass
@@ -196,7 +197,7 @@ class STCALayer(nn.Module):
         return self.out_proj(attended.reshape(-1, cfg.n_heads * cfg.head_dim))
 
 
-class STCAModel(nn.Module):
+class STCAModel(RankingModel):
     """STCA ranking model over jagged requests; see the module docstring for the equations."""
 
     def __init__(self, cfg: STCAConfig):
@@ -217,15 +218,7 @@ class STCAModel(nn.Module):
         self.hidden_dim = width
         self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None  # row t = task t's head
 
-    @property
-    def limits(self) -> RequestLimits:
-        return RequestLimits.of(self.cfg)
-
-    @property
-    def task_head(self) -> nn.Linear:
-        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
-        if self.cfg.num_tasks == 0:
-            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+    def _task_linear(self) -> nn.Linear:
         return self.heads
 
     # ---- user side: once per request -------------------------------------------------------------------
@@ -233,11 +226,8 @@ class STCAModel(nn.Module):
                     user_ids=None) -> STCAUserState:
         """Per-layer K/V of every request's history (and its user token): cache this to serve."""
         check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
-        if self.training and self.cfg.length_sampler is not None:
-            kept, hist_offsets = keep_recent(hist_offsets, self.cfg.length_sampler.sample(
-                lengths_from_offsets(hist_offsets)))
-            hist_item_ids, hist_actions, hist_timestamps = (
-                hist_item_ids[kept], hist_actions[kept], hist_timestamps[kept])
+        hist_item_ids, hist_actions, hist_timestamps, hist_offsets = self.sample_recent(
+            hist_item_ids, hist_actions, hist_timestamps, hist_offsets)
         tokens = self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps, hist_offsets,
                                 request_time)  # X [total_history, d]
         keys, values = zip(*(layer.keys_values(tokens) for layer in self.layers))
@@ -271,13 +261,6 @@ class STCAModel(nn.Module):
         if self.heads is None:
             raise RuntimeError("this STCAModel was built headless (tasks=()); use candidate_hidden")
         return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
-
-    def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
-                cand_offsets, user_ids=None) -> torch.Tensor:
-        """RLB forward: logits [total_candidates, num_tasks], candidates in request order."""
-        state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
-                                 user_ids)
-        return self.score_candidates(state, cand_item_ids, cand_offsets)
 
     def forward_per_target(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                            cand_item_ids, cand_offsets, user_ids=None) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """Transformers4Rec adapters (needs the `merlin` extra). The core package never imports this module."""
+from merlin_longseq.models.hstu import HSTUConfig
 from merlin_longseq.t4r.hstu import HSTUBlock, hstu_config_from
+from merlin_longseq.t4r.masking import LengthExtrapolationMasking
 from merlin_longseq.t4r.request import (BLOCKS, DINBlock, LONGERBlock, MeanPoolBlock, RequestBatchPadding,
                                         RequestBinaryClassificationTask, RequestBlock, STCABlock, block_for,
                                         columns_and_sizes, find_request_block, headed_core_model,
                                         request_dataloader)
 from merlin_longseq.request import RequestColumns
 
-__all__ = ["BLOCKS", "DINBlock", "HSTUBlock", "LONGERBlock", "MeanPoolBlock", "RequestBatchPadding",
-           "RequestBinaryClassificationTask", "RequestBlock", "RequestColumns", "STCABlock", "block_for",
-           "columns_and_sizes", "find_request_block", "headed_core_model", "hstu_config_from",
+__all__ = ["BLOCKS", "DINBlock", "HSTUBlock", "HSTUConfig", "LengthExtrapolationMasking", "LONGERBlock",
+           "MeanPoolBlock", "RequestBatchPadding", "RequestBinaryClassificationTask", "RequestBlock", "RequestColumns",
+           "STCABlock", "block_for", "columns_and_sizes", "find_request_block", "headed_core_model", "hstu_config_from",
            "request_dataloader"]

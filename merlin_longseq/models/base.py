@@ -1,0 +1,52 @@
+"""What every ranking model shares (the registry's ranking protocol): the request limits its config implies,
+its task head, the training-time recent-window sampling and forward = score(encode(history), candidates).
+
+A ranking model subclasses RankingModel, implements encode_user / candidate_hidden / score_candidates and
+`_task_linear` (the Linear giving its task logits, None when built headless).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from merlin_longseq.extrapolation import keep_recent
+from merlin_longseq.jagged import lengths_from_offsets
+from merlin_longseq.request import RequestLimits
+
+
+class RankingModel(nn.Module):
+    cfg = None  # the architecture's config (set by the subclass)
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What a request must satisfy for this model (ids within its tables, user ids when it reads them)."""
+        return RequestLimits.of(self.cfg)
+
+    @property
+    def task_head(self) -> nn.Linear:
+        """The Linear(hidden_dim, num_tasks) giving the task logits (row t = task t)."""
+        if self.cfg.num_tasks == 0:
+            raise RuntimeError(f"this {type(self).__name__} was built headless: it has no task head")
+        return self._task_linear()
+
+    def _task_linear(self) -> nn.Linear:
+        raise NotImplementedError
+
+    def sample_recent(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets):
+        """Training only, with a length sampler: each history cut to a Beta-drawn most recent window (length
+        extrapolation); otherwise the inputs unchanged."""
+        sampler = getattr(self.cfg, "length_sampler", None)
+        if not self.training or sampler is None:
+            return hist_item_ids, hist_actions, hist_timestamps, hist_offsets
+        kept, hist_offsets = keep_recent(hist_offsets, sampler.sample(lengths_from_offsets(hist_offsets)))
+        pick = lambda t: None if t is None else t[kept]  # noqa: E731
+        return pick(hist_item_ids), pick(hist_actions), pick(hist_timestamps), hist_offsets
+
+    def forward(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, cand_item_ids,
+                cand_offsets, user_ids=None) -> torch.Tensor:
+        """Request level batching: logits [total_candidates, num_tasks], candidates in request order."""
+        state = self.encode_user(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+        return self.score_candidates(state, cand_item_ids, cand_offsets)
+
+
+__all__ = ["RankingModel"]
