@@ -62,6 +62,10 @@ _ENTRIES = (
     Architecture("hstu", NEXT_ITEM, "merlin_longseq.models.hstu", "HSTUConfig", "HSTUNextItemModel", "HSTUBlock",
                  "HSTU / ULTRA-HSTU pointwise attention, next-item",
                  tiny=dict(d_model=8, n_heads=2, n_layers=1, max_seq_len=32)),
+    # the served form of a Transformers4Rec next-item model around HSTUBlock (t4r.hstu.next_item_servable)
+    Architecture("hstu-t4r", NEXT_ITEM, "merlin_longseq.models.hstu", "HSTUConfig", "HSTUSequenceModel",
+                 "HSTUBlock", "HSTU next-item model as trained in Transformers4Rec (served form)",
+                 tiny=dict(d_model=8, n_heads=2, n_layers=1, max_seq_len=32)),
 )
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _ENTRIES}
 
@@ -93,10 +97,8 @@ def of_model(model) -> Architecture:
 def model_to_dict(model) -> dict:
     """What rebuilds a model (weights aside), JSON-safe: architecture, config and constructor sizes."""
     arch = of_model(model)
-    sizes = {}
-    if arch.kind == NEXT_ITEM:  # HSTUNextItemModel(num_items, cfg, num_actions): sizes live outside its config
-        sizes = {"num_items": int(model.num_items),
-                 "num_actions": int(model.tokenizer.action_embedding.num_embeddings - 1)}
+    # next-item models keep sizes outside their config (HSTUNextItemModel(num_items, cfg, num_actions))
+    sizes = model.constructor_args() if hasattr(model, "constructor_args") else {}
     return {"arch": arch.name, "config": config_to_dict(model.cfg), "sizes": sizes}
 
 
@@ -104,9 +106,8 @@ def model_from_dict(description: dict):
     """The model model_to_dict described, freshly initialised (load its state dict next)."""
     arch = get(description["arch"])
     cfg = config_from_dict(arch, description["config"])
-    if arch.kind == NEXT_ITEM:
-        sizes = description.get("sizes") or {}
-        return arch.model_class(sizes["num_items"], cfg, num_actions=sizes.get("num_actions", 0))
+    if hasattr(arch.model_class, "from_constructor_args"):
+        return arch.model_class.from_constructor_args(cfg, description.get("sizes") or {})
     return arch.model_class(cfg)
 
 

@@ -43,7 +43,7 @@ def ranking_model(arch: str, tasks=("click", "like")):
 
 def test_registry_names_every_architecture_once():
     assert set(RANKING) >= {"stca", "longer", "mean-pool", "din"}
-    assert registry.names(registry.NEXT_ITEM) == ("hstu",)
+    assert registry.names(registry.NEXT_ITEM) == ("hstu", "hstu-t4r")
     with pytest.raises(ValueError, match="unknown architecture"):
         registry.get("transformer-xl")
     for arch in RANKING:

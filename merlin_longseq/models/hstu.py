@@ -289,6 +289,22 @@ class HSTUNextItemModel(nn.Module):
         self.tokenizer = EventTokenizer(num_items, max(num_actions, 1), cfg.d_model)
         self.encoder = HSTUEncoder(cfg)
 
+    @property
+    def num_actions(self) -> int:
+        return self.tokenizer.action_embedding.num_embeddings - 1
+
+    def constructor_args(self) -> dict:
+        """JSON-safe sizes that, with cfg, rebuild this model (registry.model_to_dict)."""
+        return {"num_items": int(self.num_items), "num_actions": int(self.num_actions)}
+
+    @classmethod
+    def from_constructor_args(cls, cfg: HSTUConfig, args: dict) -> "HSTUNextItemModel":
+        return cls(args["num_items"], cfg, num_actions=args.get("num_actions", 0))
+
+    def candidate_logits(self, hidden, item_ids):
+        """hidden [C, d] (one row per candidate) . item embedding [C, d] -> [C]: item_scores for given items."""
+        return (hidden * self.tokenizer.item_embedding.weight[item_ids]).sum(-1)
+
     def forward(self, item_ids, offsets, action_ids=None, timestamps=None):
         """item_ids [total] (1-based) -> hidden states [total, d_model]."""
         if action_ids is None:
@@ -301,3 +317,66 @@ class HSTUNextItemModel(nn.Module):
         scores = hidden @ self.tokenizer.item_embedding.weight.t()
         scores[..., 0] = float("-inf")
         return scores
+
+
+class HSTUSequenceModel(nn.Module):
+    """The served form of a Transformers4Rec next-item model with HSTUBlock (t4r.hstu.next_item_servable).
+
+    What the T4R model computes at inference, with plain modules: item embedding (the T4R item table) ->
+    the input layers between the embedding and the block (T4R's projection and MLP blocks: Linear and
+    activations) -> HSTU encoder (relative time bias when timestamps are given) -> the last position's state
+    . item table (weight tying), divided by the task's softmax temperature when it has one. Item ids are the
+    T4R (Categorify) ids; column 0 (padding) is never recommended.
+    """
+
+    LAYERS = {"Linear": nn.Linear, "ReLU": nn.ReLU, "GELU": nn.GELU, "SiLU": nn.SiLU, "Tanh": nn.Tanh,
+              "LayerNorm": nn.LayerNorm}
+
+    def __init__(self, cfg: HSTUConfig, num_embeddings: int, item_dim: int, layers: list[dict] | None = None,
+                 temperature: float = 0.0, uses_timestamps: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = int(num_embeddings) - 1  # ids 1 .. num_embeddings - 1; 0 = padding
+        self.item_embedding = nn.Embedding(num_embeddings, item_dim)
+        self.layer_specs = [dict(spec) for spec in (layers or [])]
+        self.input_layers = nn.Sequential(*(self._layer(spec) for spec in self.layer_specs))
+        self.encoder = HSTUEncoder(cfg)
+        self.temperature = float(temperature)
+        self.uses_timestamps = bool(uses_timestamps)
+        self.num_actions = 0
+
+    @classmethod
+    def _layer(cls, spec: dict) -> nn.Module:
+        kind = spec.get("type")
+        if kind not in cls.LAYERS:
+            raise ValueError(f"unsupported input layer {kind!r}; supported: {sorted(cls.LAYERS)}")
+        if kind == "Linear":
+            return nn.Linear(spec["in_features"], spec["out_features"], bias=spec.get("bias", True))
+        if kind == "LayerNorm":
+            return nn.LayerNorm(spec["normalized_shape"], eps=spec.get("eps", 1e-5))
+        return cls.LAYERS[kind]()
+
+    def constructor_args(self) -> dict:
+        return {"num_embeddings": self.num_items + 1, "item_dim": self.item_embedding.embedding_dim,
+                "layers": self.layer_specs, "temperature": self.temperature,
+                "uses_timestamps": self.uses_timestamps}
+
+    @classmethod
+    def from_constructor_args(cls, cfg: HSTUConfig, args: dict) -> "HSTUSequenceModel":
+        return cls(cfg, **args)
+
+    def forward(self, item_ids, offsets, action_ids=None, timestamps=None):
+        """item_ids [total] -> hidden states [total, d_model] (action ids are not read)."""
+        tokens = self.input_layers(self.item_embedding(item_ids))
+        return self.encoder(tokens, offsets, timestamps=timestamps if self.uses_timestamps else None)
+
+    def _scale(self, scores):
+        return scores / self.temperature if self.temperature else scores
+
+    def item_scores(self, hidden):
+        scores = self._scale(hidden @ self.item_embedding.weight.t())
+        scores[..., 0] = float("-inf")
+        return scores
+
+    def candidate_logits(self, hidden, item_ids):
+        return self._scale((hidden * self.item_embedding.weight[item_ids]).sum(-1))

@@ -148,8 +148,9 @@ def servable(model, task_names: Sequence[str] | None = None):
     from merlin_longseq.t4r.hstu import HSTUBlock
 
     if any(isinstance(m, HSTUBlock) for m in model.modules()):
-        raise ValueError("exporting a Transformers4Rec next-item model (HSTUBlock) is not supported yet: train an "
-                         "HSTUNextItemModel, or serve the tr.Model in-process")
+        from merlin_longseq.t4r.hstu import next_item_servable
+
+        return next_item_servable(model), None
     raise ValueError("this Transformers4Rec model holds no merlin-longseq block (STCABlock, LONGERBlock, ...)")
 
 
@@ -195,8 +196,11 @@ def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int 
     model, task_names = servable(model, task_names)
     spec = registry.of_model(model)
     if columns is None:
+        # next-item requests: the item history (and timestamps when the model has a time bias) and a user id
+        # (the cache key); no request time, no candidates required with top_k
         columns = RequestColumns() if spec.kind == registry.RANKING else RequestColumns(
-            hist_action=None, hist_timestamp=None, request_time=None, user_id="user_id")
+            hist_action=None, request_time=None, user_id="user_id",
+            hist_timestamp="hist_timestamp" if getattr(model, "uses_timestamps", False) else None)
     model = copy.deepcopy(model).cpu().eval()
     unknown = CATEGORIFY_UNKNOWN_IDS if (workflow is not None and check_unknown_items) else ()
     limits = serving_limits(model, max_history, unknown, max_candidates=max_candidates)

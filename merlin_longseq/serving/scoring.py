@@ -170,8 +170,7 @@ class NextItemScorer(Scorer):
     def score_state(self, state, cand_item_ids, cand_offsets):
         request_of = torch.repeat_interleave(torch.arange(state.shape[0], device=state.device),
                                              cand_offsets[1:] - cand_offsets[:-1])
-        table = self.model.tokenizer.item_embedding.weight
-        return (state[request_of] * table[cand_item_ids]).sum(-1, keepdim=True)  # [C, 1]
+        return self.model.candidate_logits(state[request_of], cand_item_ids).unsqueeze(-1)  # [C, 1]
 
     @torch.inference_mode()
     def top_k(self, batch: RequestBatch, k: int, exclude_history: bool = False,
@@ -204,8 +203,7 @@ def serving_limits(model: torch.nn.Module, max_history: int | None = None, unkno
     if arch.kind == registry.NEXT_ITEM:
         limit = model.cfg.max_seq_len if max_history is None else min(max_history, model.cfg.max_seq_len)
         return RequestLimits(num_items=model.num_items, max_history=limit, unknown_item_ids=tuple(unknown_item_ids),
-                             min_history=1, num_actions=model.tokenizer.action_embedding.num_embeddings - 1,
-                             max_candidates=max_candidates)
+                             min_history=1, num_actions=model.num_actions, max_candidates=max_candidates)
     if max_history is None:
         raise ValueError(f"{arch.name} has no built-in length limit: pass max_history (the longest history to "
                          "accept)")

@@ -265,3 +265,119 @@ class HSTUBlock(BlockBase):
 
     def forward_output_size(self, input_size):
         return torch.Size([*input_size[:-1], self.d_model])
+
+
+# ---- the served form ------------------------------------------------------------------------------------------
+_LAYER_TYPES = ("Linear", "ReLU", "GELU", "SiLU", "Tanh", "LayerNorm")
+
+
+def _layer_specs(module) -> list[dict]:
+    """Leaf modules of a T4R projection / MLP block as HSTUSequenceModel layer specs (dropout left out: eval)."""
+    specs = []
+    for leaf in module.modules():
+        if any(True for _ in leaf.children()):
+            continue
+        kind = type(leaf).__name__
+        if isinstance(leaf, torch.nn.Dropout) or kind == "Identity":
+            continue
+        if kind not in _LAYER_TYPES:
+            raise ValueError(f"a {kind} between the embeddings and HSTUBlock has no served form (supported: "
+                             f"{', '.join(_LAYER_TYPES)}, Dropout)")
+        if kind == "Linear":
+            specs.append({"type": kind, "in_features": leaf.in_features, "out_features": leaf.out_features,
+                          "bias": leaf.bias is not None, "module": leaf})
+        elif kind == "LayerNorm":
+            specs.append({"type": kind, "normalized_shape": list(leaf.normalized_shape), "eps": leaf.eps,
+                          "module": leaf})
+        else:
+            specs.append({"type": kind})
+    return specs
+
+
+def next_item_servable(model, check: bool = True):
+    """The served form (HSTUSequenceModel, eval mode) of a trained T4R next-item model around HSTUBlock.
+
+    Supported: tr.Model(tr.Head(tr.SequentialBlock(TabularSequenceFeatures with the item id as its one
+    categorical feature (timestamps may feed the block's time bias), Linear / activation blocks such as
+    tr.MLPBlock, HSTUBlock), NextItemPredictionTask(weight_tying=True))). check=True scores a few sessions with
+    both models and refuses the export when they differ, so an unsupported part is never served silently.
+    """
+    from transformers4rec.torch.features.sequence import TabularSequenceFeatures
+    from transformers4rec.torch.model.prediction_task import NextItemPredictionTask
+
+    from merlin_longseq.models.hstu import HSTUSequenceModel
+
+    heads = list(getattr(model, "heads", []))
+    tasks = [t for head in heads for t in head.prediction_task_dict.values()]
+    if len(heads) != 1 or len(tasks) != 1 or not isinstance(tasks[0], NextItemPredictionTask):
+        raise ValueError("a served next-item model needs one head with one NextItemPredictionTask")
+    task, body = tasks[0], heads[0].body
+    stages = list(body)
+    blocks = [m for m in stages if isinstance(m, HSTUBlock)]
+    if len(blocks) != 1 or stages[-1] is not blocks[0] or not isinstance(stages[0], TabularSequenceFeatures):
+        raise ValueError("expected tr.SequentialBlock(TabularSequenceFeatures, [MLP blocks], HSTUBlock)")
+    inputs, block = stages[0], blocks[0]
+    if "categorical_module" not in inputs.to_merge or "continuous_module" in inputs.to_merge:
+        raise ValueError(f"the input module merges {sorted(inputs.to_merge)}: only the item id (one categorical "
+                         "feature) has a served form; continuous inputs are not supported")
+    tables = inputs.to_merge["categorical_module"].embedding_tables
+    if len(tables) != 1:
+        raise ValueError(f"the input module embeds {sorted(tables)}: only the item id has a served form")
+    item_column, table = next(iter(tables.items()))
+    pre = getattr(task.pre, "module", task.pre)  # T4R wraps it in a Block
+    if getattr(task, "task_block", None) is not None or not getattr(pre, "weight_tying", False):
+        raise ValueError("a served next-item model needs NextItemPredictionTask(weight_tying=True) with no "
+                         "task block")
+    specs = _layer_specs(inputs.projection_module) if inputs.projection_module is not None else []
+    for stage in stages[1:-1]:
+        specs += _layer_specs(stage)
+    modules = [spec.pop("module", None) for spec in specs]
+    served = HSTUSequenceModel(block.hstu_config, table.num_embeddings, table.embedding_dim, specs,
+                               temperature=float(pre.softmax_temperature or 0.0),
+                               uses_timestamps=block.timestamp_column is not None)
+    with torch.no_grad():
+        served.item_embedding.weight.copy_(table.weight)
+        for target, source in zip(served.input_layers, modules):
+            if source is not None:
+                target.load_state_dict(source.state_dict())
+        served.encoder.load_state_dict(block.encoder.state_dict())
+    served.eval()
+    served.item_column, served.timestamp_column = item_column, block.timestamp_column
+    if check:
+        _check_same_scores(model, served, item_column, block.timestamp_column)
+    return served
+
+
+def _check_same_scores(model, served, item_column: str, timestamp_column: str | None) -> None:
+    """Score three short sessions with the T4R model and its served form; refuse when they differ."""
+    g = torch.Generator().manual_seed(0)
+    width = min(6, served.cfg.max_seq_len)
+    lengths = [width, max(1, width // 2), 1]
+    items = torch.zeros(len(lengths), width, dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        items[row, :length] = torch.randint(1, served.num_items + 1, (length,), generator=g)
+    batch = {item_column: items}
+    times = None
+    if timestamp_column is not None:
+        times = torch.cumsum(torch.randint(1, 10_000, items.shape, generator=g), dim=1) * (items != 0)
+        batch[timestamp_column] = times
+    was_training, top_k = model.training, getattr(model, "top_k", None)
+    model.eval()
+    model.top_k = None  # full scores, not the sorted top k
+    try:
+        with torch.no_grad():
+            try:
+                expected = model({k: v.clone() for k, v in batch.items()})
+            except (KeyError, ValueError) as err:  # it reads an input the served form does not have
+                raise ValueError(f"this T4R model reads more than the item ids and timestamps ({err}); only "
+                                 "those have a served form") from None
+            mask = items != 0
+            offsets = offsets_from_lengths(mask.sum(1))
+            hidden = served(items[mask], offsets, timestamps=times[mask] if times is not None else None)
+            got = served.item_scores(hidden[offsets[1:] - 1])
+    finally:
+        model.train(was_training)
+        model.top_k = top_k
+    if expected.shape != got.shape or not torch.allclose(expected[:, 1:], got[:, 1:], atol=1e-4, rtol=1e-4):
+        raise ValueError("the served form of this T4R model does not reproduce its scores (a part between the "
+                         "embeddings and HSTUBlock, or of the task, has no served form); it cannot be exported")
