@@ -137,13 +137,15 @@ class RequestBatch:
     user_ids: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # [C, K] float
     label_names: tuple[str, ...] = ()
-    max_history_len: int | None = field(default=None, compare=False)
+    max_history_len: int | None = field(default=None, compare=False)  # None: not read yet (device offsets)
     max_candidates: int | None = field(default=None, compare=False)
 
     def __post_init__(self):
         self.label_names = tuple(self.label_names)
         for name in ("max_history_len", "max_candidates"):
-            if getattr(self, name) is None:
+            # read from host offsets only: on a device it would cost a sync per batch (callers that know the
+            # maxima pass them; kernels fall back to reading them when None)
+            if getattr(self, name) is None and self.hist_offsets.device.type == "cpu":
                 offsets = self.hist_offsets if name == "max_history_len" else self.cand_offsets
                 lengths = lengths_from_offsets(offsets) if offsets.numel() > 1 else offsets.new_zeros(1)
                 setattr(self, name, int(lengths.max()))
@@ -303,7 +305,8 @@ class RequestBatch:
         pick = lambda t: None if t is None else t[keep]  # noqa: E731
         return dataclasses.replace(self, hist_item_ids=self.hist_item_ids[keep], hist_offsets=offsets_from_lengths(kept),
                                    hist_actions=pick(self.hist_actions), hist_timestamps=pick(self.hist_timestamps),
-                                   max_history_len=min(self.max_history_len, max_len))
+                                   max_history_len=None if self.max_history_len is None
+                                   else min(self.max_history_len, max_len))
 
     def per_target(self) -> "RequestBatch":
         """The naive layout RLB is measured against: every candidate becomes its own request with its own copy

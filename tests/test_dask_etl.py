@@ -1,6 +1,7 @@
 """The request-grouping workflow on a Dask LocalCluster of several worker processes gives the same rows as the
-single-process run; requests split over partitions are caught; train_ddp's Merlin-free grouping
-(requests_from_logs) follows the RequestGrouping contract; the ETL output feeds train_ddp."""
+single-process run; requests split over partitions are caught; train_ddp's requests_from_logs (the operator
+called directly on pandas frames, turned into a RequestBatch) equals the partitioned Dask ETL request by
+request; the ETL output feeds train_ddp."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ distributed = pytest.importorskip("distributed")
 from merlin.io import Dataset  # noqa: E402
 
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions  # noqa: E402
+from merlin_longseq.request import validate_request  # noqa: E402
 from merlin_longseq.train_ddp import main as train_main, read_request_parquet, requests_from_logs  # noqa: E402
 from merlin_longseq.workflows.distributed_etl import (  # noqa: E402
     check_requests_whole,
@@ -91,25 +93,42 @@ def test_split_requests_are_detected(logs):
         run_request_etl(impressions, logs[0], label_columns=LABELS, max_history=5)
 
 
-def test_numpy_grouping_matches_request_grouping(logs):
+def test_requests_from_logs_match_the_dask_etl(logs):
     events, impressions = logs
-    workflow = build_request_workflow(events, label_columns=LABELS, max_history=MAX_HISTORY, categorify=False)
-    workflow.fit(Dataset(impressions))
-    expected = _by_request(workflow.transform(Dataset(impressions)).to_ddf().compute())
+    # the ETL path: partitioned by user into 3 Dask partitions, grouped by the workflow (raw item ids)
+    _, grouped = run_request_etl(impressions, events, label_columns=LABELS, max_history=MAX_HISTORY,
+                                 categorify=False, npartitions=3)
+    frame = grouped.to_ddf().compute()
+    expected = _by_request(frame)
+    assert len(expected) == impressions["request_id"].nunique() == len(frame)
+    # the training path: the operator on the whole pandas frames, turned into one RequestBatch
     data = requests_from_logs(events, impressions, MAX_HISTORY, LABELS)
-    request_ids = impressions.drop_duplicates("request_id")["request_id"].tolist()
-    assert data.num_requests == len(expected)
-    for r, request_id in enumerate(request_ids):
+    batch = data.batch
+    validate_request(batch, data.limits)  # the at-request-time events stayed out, histories oldest first
+    assert data.num_requests == len(expected) and data.label_names == tuple(LABELS)
+    assert any(len(row["hist_item_id"]) == MAX_HISTORY for row in expected.values())  # the cap is exercised
+    ho, co = batch.hist_offsets, batch.cand_offsets
+    for r, request_id in enumerate(sorted(expected)):  # the operator emits requests in request-id order
         want = expected[request_id]
-        h = slice(int(data.hist_offsets[r]), int(data.hist_offsets[r + 1]))
-        c = slice(int(data.cand_offsets[r]), int(data.cand_offsets[r + 1]))
-        assert int(data.request_time[r]) == want["request_time"]
-        assert tuple(data.hist_item[h].tolist()) == want["hist_item_id"]
-        assert tuple(data.hist_time[h].tolist()) == want["hist_timestamp"]
-        assert tuple(data.hist_action[h].tolist()) == want["hist_action"]
-        assert tuple(data.cand_item[c].tolist()) == want["cand_item_id"]
+        h, c = slice(int(ho[r]), int(ho[r + 1])), slice(int(co[r]), int(co[r + 1]))
+        assert int(batch.request_time[r]) == want["request_time"]
+        assert int(batch.user_ids[r]) == want["user_id"]
+        assert tuple(batch.hist_item_ids[h].tolist()) == want["hist_item_id"]
+        assert tuple(batch.hist_timestamps[h].tolist()) == want["hist_timestamp"]
+        assert tuple(batch.hist_actions[h].tolist()) == want["hist_action"]
+        assert tuple(batch.cand_item_ids[c].tolist()) == want["cand_item_id"]
         for k, label in enumerate(LABELS):
-            assert tuple(data.labels[c, k].long().tolist()) == want[label]
+            assert tuple(batch.labels[c, k].long().tolist()) == want[label]
+
+
+def test_requests_from_logs_refuses_what_the_operator_refuses(logs):
+    events, impressions = logs
+    with pytest.raises(ValueError, match="max_history"):
+        requests_from_logs(events, impressions, 0, LABELS)
+    with pytest.raises(ValueError, match="missing column"):
+        requests_from_logs(events, impressions.drop(columns=["like"]), MAX_HISTORY, LABELS)
+    with pytest.raises(ValueError, match="label column"):
+        requests_from_logs(events, impressions, MAX_HISTORY, [])
 
 
 def test_etl_output_trains_with_train_ddp(logs, tmp_path):

@@ -1,8 +1,10 @@
 """Distributed training on CPU: RequestGroupSampler properties, a 2-process gloo DDP step whose gradients equal
-the single-process gradients on the same global batch (STCA, LONGER, HSTU), the train_ddp entry point (one
-process in-process, two under torchrun) and its data helpers."""
+the single-process gradients on the same global batch (every registered architecture), the train_ddp entry
+point (one process in-process for every architecture, two under torchrun), its data helpers, and the request
+validator refusing bad training rows."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -26,11 +28,12 @@ from merlin_longseq.distributed import (
     init_distributed,
     request_costs,
 )
+from merlin_longseq import registry
+from merlin_longseq.request import RequestBatch, RequestError, validate_request
 from merlin_longseq.train_ddp import (
     ARCHS,
     ArchLoss,
-    RequestData,
-    _cap_history,
+    TrainingData,
     build_model,
     costs_for,
     loss_terms,
@@ -181,7 +184,7 @@ def test_init_distributed_without_torchrun_is_single_process(monkeypatch):
 
 
 # ---- DDP step == single-process step ----------------------------------------------------------------------
-def _ragged_data() -> RequestData:
+def _ragged_data() -> TrainingData:
     """16 requests with histories of 0..40 events and 1..6 candidates, two labels (deterministic)."""
     rng = np.random.default_rng(11)
     requests = 16
@@ -192,14 +195,12 @@ def _ragged_data() -> RequestData:
     request_time = 10_000 + 5_000 * np.arange(requests)
     seg = np.repeat(np.arange(requests), hist_len)
     pos = np.arange(n) - (np.cumsum(hist_len) - hist_len)[seg]
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.int64)  # noqa: E731
-    return RequestData(
-        hist_item=t(rng.integers(1, 51, size=n)), hist_action=t(rng.integers(0, 4, size=n)),
-        hist_time=t(request_time[seg] - (hist_len[seg] - pos) * 37), hist_offsets=t(np.r_[0, np.cumsum(hist_len)]),
-        request_time=t(request_time), cand_item=t(rng.integers(1, 51, size=c)),
-        cand_offsets=t(np.r_[0, np.cumsum(cand_len)]),
-        labels=torch.as_tensor(rng.random((c, 2)) < 0.4, dtype=torch.float32), label_names=("click", "like"),
-        num_items=50, num_actions=3)
+    batch = RequestBatch.from_lengths(
+        hist_lengths=hist_len, cand_lengths=cand_len, hist_item_ids=rng.integers(1, 51, size=n),
+        hist_actions=rng.integers(0, 4, size=n), hist_timestamps=request_time[seg] - (hist_len[seg] - pos) * 37,
+        request_time=request_time, cand_item_ids=rng.integers(1, 51, size=c),
+        labels=(rng.random((c, 2)) < 0.4).astype(np.float32), label_names=("click", "like"))
+    return TrainingData(batch=batch, num_items=50, num_actions=3)
 
 
 # gloo otherwise talks over the interface the hostname resolves to; keep the test on loopback
@@ -226,7 +227,7 @@ def _ddp_worker(rank, world, port, out_dir, archs):
             sampler = RequestGroupSampler(costs_for(arch, data, SMALL["d_model"]), batch_requests=3,
                                           num_replicas=info.world_size, rank=info.rank, seed=5)
             rows = next(iter(sampler))
-            loss_sum, count = ddp(data.batch(rows))
+            loss_sum, count = ddp(data.select(rows))
             global_mean_loss(loss_sum, count).backward()
             torch.save(dict(rows=rows, count=count, backend=info.backend, state=model.state_dict(),
                             grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
@@ -259,7 +260,7 @@ def test_ddp_step_gradients_equal_single_process(ddp_step, arch):
     for key, value in ranks[1]["state"].items():  # DDP broadcast rank 0's weights to rank 1
         assert torch.equal(value, ranks[0]["state"][key]), key
     # one process, the union of both ranks' requests, the mean over all loss terms
-    loss_sum, count = loss_terms(arch, model, data.batch(np.concatenate([ranks[0]["rows"], ranks[1]["rows"]])))
+    loss_sum, count = loss_terms(arch, model, data.select(np.concatenate([ranks[0]["rows"], ranks[1]["rows"]])))
     assert count == ranks[0]["count"] + ranks[1]["count"]
     (loss_sum / count).backward()
     reference = _grads(model)
@@ -269,7 +270,7 @@ def test_ddp_step_gradients_equal_single_process(ddp_step, arch):
             torch.testing.assert_close(ranks[r]["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=f"{name} rank {r}")
     # the check can fail: averaging per-rank MEANS (plain DDP with reduction='mean') gives other gradients
     model.zero_grad(set_to_none=True)
-    naive = sum(loss_terms(arch, model, data.batch(ranks[r]["rows"]))[0] / ranks[r]["count"] for r in range(2)) / 2
+    naive = sum(loss_terms(arch, model, data.select(ranks[r]["rows"]))[0] / ranks[r]["count"] for r in range(2)) / 2
     naive.backward()
     assert any(not torch.allclose(g, reference[n], rtol=1e-4, atol=1e-6) for n, g in _grads(model).items())
 
@@ -288,6 +289,42 @@ def test_train_ddp_single_process_writes_summary(tmp_path):
     # 5 candidates per request, each one sample whatever its number of labels
     assert rank0["requests"] == 3 * 4 and rank0["samples"] == 3 * 4 * 5
     assert summary["samples_per_s"] > 0 and all(np.isfinite(loss) for _, loss in summary["losses"])
+
+
+def test_archs_are_the_registry():
+    assert ARCHS == registry.names() and set(ARCHS) >= {"stca", "longer", "mean-pool", "din", "hstu"}
+
+
+@pytest.mark.parametrize("arch", registry.names())
+def test_every_registered_architecture_trains_one_step(arch, tmp_path):
+    out = tmp_path / "summary.json"
+    assert train_main(["--arch", arch, "--device", "cpu", "--steps", "1", "--warmup-steps", "0",
+                       "--history-len", "12", "--min-history-frac", "0.5", "--num-requests", "6",
+                       "--candidates", "3", "--num-items", "40", "--num-tasks", "2", "--batch-requests", "3",
+                       "--d-model", "8", "--n-heads", "2", "--n-layers", "1", "--backend", "pytorch",
+                       "--threads", "1", "--log-every", "1", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["arch"] == arch and summary["timed_steps"] == 1
+    assert len(summary["losses"]) == 1 and np.isfinite(summary["losses"][0][1])
+    ranking = registry.get(arch).kind == registry.RANKING
+    assert summary["sample_unit"] == ("scored candidates" if ranking else "next-item positions")
+    if ranking:  # one scored candidate per sample, whatever its number of labels
+        assert summary["per_rank"][0]["samples"] == 3 * 3
+
+
+def test_build_model_reads_the_registry():
+    data = _ragged_data()
+    for arch in registry.names():
+        model = build_model(arch, data, **SMALL)
+        assert registry.of_model(model).name == arch
+        if registry.get(arch).kind == registry.RANKING:
+            # one head per label list, sized for the data's vocabularies
+            assert model.cfg.num_tasks == 2 and model.task_head.out_features == 2
+            assert (model.cfg.num_items, model.cfg.num_actions) == (50, 3)
+    longer = build_model("longer", data, **SMALL)
+    assert (longer.cfg.token_dim, longer.cfg.merge_size, longer.cfg.d_model) == (4, 4, 16)  # kept options
+    with pytest.raises(ValueError, match="labels"):
+        loss_terms("stca", build_model("stca", data, **SMALL), dataclasses.replace(data.select([2]), labels=None))
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
@@ -314,76 +351,138 @@ def test_parse_args_rejects_bad_values():
         parse_args(["--steps", "3", "--warmup-steps", "3"])
     with pytest.raises(SystemExit):
         parse_args(["--batch-requests", "0"])
-    with pytest.raises(ValueError, match="arch"):
+    with pytest.raises(SystemExit):
+        parse_args(["--arch", "sasrec"])
+    with pytest.raises(ValueError, match="unknown architecture 'sasrec'"):
         build_model("sasrec", _ragged_data())
+    with pytest.raises(ValueError, match="unknown architecture"):
+        ArchLoss("sasrec", torch.nn.Linear(1, 1))
 
 
 # ---- data helpers -----------------------------------------------------------------------------------------
-def test_request_data_batch_gathers_requests_in_order():
+def test_training_data_select_gathers_requests_in_order():
     data = _ragged_data()
     rows = [5, 0, 2]
-    batch = data.batch(rows)
-    ho, co = data.hist_offsets, data.cand_offsets
-    assert torch.equal(batch["hist_item_ids"], torch.cat([data.hist_item[ho[r]:ho[r + 1]] for r in rows]))
-    assert torch.equal(batch["cand_item_ids"], torch.cat([data.cand_item[co[r]:co[r + 1]] for r in rows]))
-    assert torch.equal(batch["labels"], torch.cat([data.labels[co[r]:co[r + 1]] for r in rows]))
-    assert batch["hist_offsets"].tolist() == [0, *np.cumsum([int(ho[r + 1] - ho[r]) for r in rows])]
-    assert torch.equal(batch["request_time"], data.request_time[rows])
+    batch = data.select(rows)
+    full = data.batch
+    ho, co = full.hist_offsets, full.cand_offsets
+    assert isinstance(batch, RequestBatch) and batch.label_names == ("click", "like")
+    assert torch.equal(batch.hist_item_ids, torch.cat([full.hist_item_ids[ho[r]:ho[r + 1]] for r in rows]))
+    assert torch.equal(batch.cand_item_ids, torch.cat([full.cand_item_ids[co[r]:co[r + 1]] for r in rows]))
+    assert torch.equal(batch.labels, torch.cat([full.labels[co[r]:co[r + 1]] for r in rows]))
+    assert batch.hist_offsets.tolist() == [0, *np.cumsum([int(ho[r + 1] - ho[r]) for r in rows])]
+    assert torch.equal(batch.request_time, full.request_time[rows])
 
 
 def test_random_requests_are_valid_and_learnable():
     data = random_requests(200, history_len=50, candidates=8, num_items=500, num_tasks=2, min_history_frac=0.4)
+    batch = data.batch
     lengths = data.history_lengths
     assert int(lengths.min()) >= 20 and int(lengths.max()) <= 50
+    validate_request(batch, data.limits)  # no event at or after its request, oldest first, ids in range
     seg = torch.repeat_interleave(torch.arange(data.num_requests), lengths)
-    assert bool((data.hist_time < data.request_time[seg]).all())  # no event at or after its request
     same_request = seg[1:] == seg[:-1]
-    assert bool((data.hist_time[1:] > data.hist_time[:-1])[same_request].all())  # most recent last
+    assert bool((batch.hist_timestamps[1:] > batch.hist_timestamps[:-1])[same_request].all())  # strictly
     # candidates that occur in their request's history are clicked far more often (the learnable signal)
     cand_seg = torch.repeat_interleave(torch.arange(data.num_requests), data.candidate_counts)
-    seen = torch.tensor([bool((data.hist_item[data.hist_offsets[r]:data.hist_offsets[r + 1]] == item).any())
-                         for item, r in zip(data.cand_item.tolist(), cand_seg.tolist())])
-    click = data.labels[:, 0].bool()
+    ho = batch.hist_offsets
+    seen = torch.tensor([bool((batch.hist_item_ids[ho[r]:ho[r + 1]] == item).any())
+                         for item, r in zip(batch.cand_item_ids.tolist(), cand_seg.tolist())])
+    click = batch.labels[:, 0].bool()
     assert click[seen].float().mean() > 0.5 > 0.25 > click[~seen].float().mean()
-    assert bool((data.labels[:, 1] <= data.labels[:, 0]).all())  # the second label needs a click
+    assert bool((batch.labels[:, 1] <= batch.labels[:, 0]).all())  # the second label needs a click
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pandas") is None, reason="needs pandas")
+@pytest.mark.skipif(importlib.util.find_spec("merlin") is None, reason="needs the Merlin stack (RequestGrouping)")
 def test_synthetic_requests_follow_the_generator():
     data = synthetic_requests(num_users=6, history_len=30, requests_per_user=2, candidates=5, num_items=200)
     assert data.num_requests == 12 and data.label_names == ("click", "like")
     assert int(data.history_lengths.max()) <= 30 and bool((data.candidate_counts == 5).all())
-    seg = torch.repeat_interleave(torch.arange(data.num_requests), data.history_lengths)
-    assert bool((data.hist_time < data.request_time[seg]).all())
+    validate_request(data.batch, data.limits)  # among others: every event strictly before its request
 
 
-def test_cap_history_keeps_the_most_recent_events():
+def test_recent_keeps_the_most_recent_events():
     data = _ragged_data()
-    capped = _cap_history(data, 7)
+    capped = data.recent(7)
+    assert capped.meta["capped_at"] == 7 and "capped_at" not in data.meta
+    full, cut = data.batch, capped.batch
+    assert torch.equal(cut.cand_item_ids, full.cand_item_ids) and torch.equal(cut.labels, full.labels)
     for r in range(data.num_requests):
-        full = data.hist_item[data.hist_offsets[r]:data.hist_offsets[r + 1]]
-        assert torch.equal(capped.hist_item[capped.hist_offsets[r]:capped.hist_offsets[r + 1]], full[-7:])
+        events = full.hist_item_ids[full.hist_offsets[r]:full.hist_offsets[r + 1]]
+        assert torch.equal(cut.hist_item_ids[cut.hist_offsets[r]:cut.hist_offsets[r + 1]], events[-7:])
+
+
+def _request_table(**overrides):
+    import pyarrow as pa
+
+    columns = {
+        "user_id": [7, 8], "request_id": [1, 2], "request_time": [100, 200],
+        "hist_item_id": [[3, 4, 5], []], "hist_timestamp": [[10, 20, 30], []], "hist_action": [[1, 2, 1], []],
+        "cand_item_id": [[4, 9], [2]], "click": [[1, 0], [1]], "like": [[0, 0], [1]],
+    }
+    columns.update(overrides)
+    return pa.table(columns)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
 def test_read_request_parquet(tmp_path):
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "user_id": [7, 8], "request_id": [1, 2], "request_time": [100, 200],
-        "hist_item_id": [[3, 4, 5], []], "hist_timestamp": [[10, 20, 30], []], "hist_action": [[1, 2, 1], []],
-        "cand_item_id": [[4, 9], [2]], "click": [[1, 0], [1]], "like": [[0, 0], [1]],
-    })
+    table = _request_table()
     pq.write_table(table.slice(0, 1), tmp_path / "part_0.parquet")
     pq.write_table(table.slice(1, 1), tmp_path / "part_1.parquet")
     (tmp_path / "schema.pbtxt").write_text("ignored")
     data = read_request_parquet(str(tmp_path))
+    batch = data.batch
     assert data.label_names == ("click", "like")
-    assert data.hist_offsets.tolist() == [0, 3, 3] and data.cand_offsets.tolist() == [0, 2, 3]
-    assert data.hist_item.tolist() == [3, 4, 5] and data.hist_action.tolist() == [1, 2, 1]
-    assert data.cand_item.tolist() == [4, 9, 2] and data.request_time.tolist() == [100, 200]
-    assert data.labels.tolist() == [[1, 0], [0, 0], [1, 1]] and data.num_items == 9
+    assert batch.hist_offsets.tolist() == [0, 3, 3] and batch.cand_offsets.tolist() == [0, 2, 3]
+    assert batch.hist_item_ids.tolist() == [3, 4, 5] and batch.hist_actions.tolist() == [1, 2, 1]
+    assert batch.cand_item_ids.tolist() == [4, 9, 2] and batch.request_time.tolist() == [100, 200]
+    assert batch.user_ids.tolist() == [7, 8]
+    assert batch.labels.tolist() == [[1, 0], [0, 0], [1, 1]] and data.num_items == 9
     pq.write_table(table.drop(["hist_timestamp"]), tmp_path / "bad.parquet")
     with pytest.raises(ValueError, match="hist_timestamp"):
         read_request_parquet(str(tmp_path / "bad.parquet"))
+    # float ids are refused by the request core, not truncated on the way in
+    pq.write_table(_request_table(hist_item_id=[[3.0, 4.5, 5.0], []]), tmp_path / "float.parquet")
+    with pytest.raises(RequestError, match="hist_item_ids must hold integers"):
+        read_request_parquet(str(tmp_path / "float.parquet"))
+
+
+def _train_on(path):
+    return train_main(["--arch", "stca", "--data", str(path), "--device", "cpu", "--steps", "1",
+                       "--warmup-steps", "0", "--batch-requests", "1", "--history-len", "0", "--d-model", "8",
+                       "--threads", "1"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
+def test_parquet_with_a_bad_label_row_is_refused(tmp_path):
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "good.parquet"
+    pq.write_table(_request_table(), path)
+    assert _train_on(path) == 0  # the check can pass: the same table with aligned labels trains
+    # row 0 lacks a "like" label and row 1 has one too many: the totals agree, only a per-row check sees it
+    pq.write_table(_request_table(like=[[0], [1, 1]]), tmp_path / "labels.parquet")
+    with pytest.raises(RequestError, match=r"row 0: label list 'like' holds 1 values but the row has 2"):
+        read_request_parquet(str(tmp_path / "labels.parquet"))
+    with pytest.raises(RequestError, match="label list 'like'"):
+        _train_on(tmp_path / "labels.parquet")
+    pq.write_table(_request_table(hist_action=[[1, 2], [1]]), tmp_path / "actions.parquet")
+    with pytest.raises(RequestError, match="row 0: hist_action holds 2 values"):
+        _train_on(tmp_path / "actions.parquet")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyarrow") is None, reason="needs pyarrow")
+@pytest.mark.parametrize("column,value,message", [
+    # an event at the request's own time may be its label: the validator refuses it (leakage)
+    ("hist_timestamp", [[10, 20, 100], []], "request 0 has a history event at or after its request_time"),
+    ("hist_timestamp", [[30, 20, 10], []], "request 0: history events must be oldest first"),
+    ("cand_item_id", [[4, 9], [0]], r"request 1: cand_item_ids\[0\] = 0 is below the smallest item id"),
+])
+def test_training_refuses_rows_the_validator_refuses(tmp_path, column, value, message):
+    import pyarrow.parquet as pq
+
+    pq.write_table(_request_table(**{column: value}), tmp_path / "bad.parquet")
+    with pytest.raises(RequestError, match=message):
+        _train_on(tmp_path / "bad.parquet")
