@@ -9,9 +9,11 @@ nothing is cut.
 Where the windows are drawn (all three use BetaLengthSampler):
   - NVTabular: RequestGrouping(length_sampler=...) / build_request_workflow(length_sampler=...) writes the
     training split already windowed (one draw per request, fixed across epochs).
-  - Transformers4Rec batches: RecentHistoryWindow, a step on padded request batches (a merlin Loader.map step
-    after request_dataloader's padding, or called in the training loop): a fresh draw per request and call,
-    for any request block. With max_len instead of a sampler it caps histories (evaluation at a set length).
+  - Transformers4Rec batches: RecentHistoryWindow, a step on padded request batches
+    (`request_dataloader(..., transform=RecentHistoryWindow(sampler))`, a merlin Loader.map step after the
+    padding, so tr.Trainer and tr.Model.fit get it too; or called in a loop): a fresh draw per request and
+    epoch, for any request block. With max_len instead of a sampler it caps histories (evaluation at a set
+    length).
   - Inside a model: STCAConfig / LONGERConfig / MeanPoolConfig(length_sampler=...), active in train() mode.
 """
 from __future__ import annotations
@@ -95,6 +97,9 @@ def keep_recent_padded(padded: dict, lengths: torch.Tensor, new_lengths: torch.T
     return out
 
 
+_HISTORY_PREFIX = "hist_"  # RequestGrouping's output names: hist_item_id, hist_timestamp, hist_<event feature>
+
+
 class RecentHistoryWindow:
     """A request-batch transform (merlin Loader map step, or call it yourself on (inputs, targets)).
 
@@ -103,15 +108,19 @@ class RecentHistoryWindow:
     the Transformers4Rec side; the NVTabular side is RequestGrouping(length_sampler=...)), or a fixed cap
     `max_len` (e.g. to evaluate one model at several history lengths). Append it AFTER the padding step:
 
-        loader = request_dataloader(path, 64, ["click"])
-        loader.dataset.map(RecentHistoryWindow(BetaLengthSampler(max_train_len=1024), seed=0))
+        loader = request_dataloader(path, 64, ["click"], shuffle=True,
+                                    transform=RecentHistoryWindow(BetaLengthSampler(max_train_len=1024), seed=0))
 
-    The history length of a row is read from `length_column` (item id 0 = padding).
+    (training loaders only: evaluation reads full histories, or a fixed cap with max_len).
+
+    The history length of a row is read from `length_column` (item id 0 = padding). columns=None (default)
+    cuts every `hist_*` column of the batch (the request contract names every history list hist_<field>),
+    so an event log without actions (no hist_action) or with more event features needs no setting; a list
+    of names makes each of them required.
     """
 
     def __init__(self, sampler: BetaLengthSampler | None = None, *, max_len: int | None = None,
-                 columns=("hist_item_id", "hist_action", "hist_timestamp"), length_column: str = "hist_item_id",
-                 seed: int | None = 0):
+                 columns=None, length_column: str = "hist_item_id", seed: int | None = 0):
         import numpy as np
 
         if (sampler is None) == (max_len is None):
@@ -120,19 +129,27 @@ class RecentHistoryWindow:
             raise TypeError("sampler must be a BetaLengthSampler")
         if max_len is not None and int(max_len) < 0:
             raise ValueError(f"max_len must be >= 0, got {max_len}")
-        if length_column not in columns:
+        if columns is not None and length_column not in columns:
             raise ValueError(f"length_column {length_column!r} must be one of the history columns {list(columns)}")
         self.sampler, self.max_len = sampler, None if max_len is None else int(max_len)
-        self.columns, self.length_column = list(columns), length_column
+        self.columns, self.length_column = None if columns is None else list(columns), length_column
         self.rng = np.random.default_rng(seed)
+
+    def history_columns(self, inputs: dict) -> list:
+        """The columns this step cuts in `inputs`."""
+        if self.columns is not None:
+            return self.columns
+        found = [name for name in inputs if name.startswith(_HISTORY_PREFIX)]
+        return found if self.length_column in found else [self.length_column, *found]
 
     def __call__(self, inputs: dict, targets=None):
         from merlin_longseq.jagged import lengths_from_padding
 
-        missing = [c for c in self.columns if c not in inputs]
+        columns = self.history_columns(inputs)
+        missing = [c for c in columns if c not in inputs]
         if missing:
             raise KeyError(f"RecentHistoryWindow: the batch lacks the history columns {missing}; got {sorted(inputs)}")
-        for name in self.columns:
+        for name in columns:
             if inputs[name].dim() != 2:
                 raise ValueError(f"{name} must be a padded [batch, length] column (put this step after the "
                                  f"padding step), got shape {tuple(inputs[name].shape)}")
@@ -142,5 +159,5 @@ class RecentHistoryWindow:
             new_lengths = new_lengths.to(lengths.device)
         else:
             new_lengths = lengths.clamp(max=self.max_len)
-        cut = keep_recent_padded({c: inputs[c] for c in self.columns}, lengths, new_lengths)
+        cut = keep_recent_padded({c: inputs[c] for c in columns}, lengths, new_lengths)
         return {**inputs, **cut}, targets

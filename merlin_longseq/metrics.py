@@ -85,3 +85,12 @@ def logloss(probabilities, labels, eps: float = 1e-7) -> float:
         raise ValueError("logloss needs probabilities in [0, 1] (apply a sigmoid to logits first)")
     p = np.clip(probabilities, eps, 1.0 - eps)
     return float(-np.mean(np.where(labels, np.log(p), np.log1p(-p))))
+
+
+def binary_metrics(probabilities, labels, groups=None) -> dict:
+    """{"auc", "gauc", "logloss"} of one label's probabilities (gauc only when groups, the user ids, are given)."""
+    out = {"auc": auc(probabilities, labels)}
+    if groups is not None:
+        out["gauc"] = gauc(probabilities, labels, groups)
+    out["logloss"] = logloss(probabilities, labels)
+    return out

@@ -58,8 +58,8 @@ def test_config_rejects_bad_values():
         job.MovieLensRankingConfig(eval_fraction=1.0)
     with pytest.raises(ValueError, match="seed"):
         job.MovieLensRankingConfig(seeds=())
-    cfg = job.MovieLensRankingConfig().ranking_config(seed=3)
-    assert cfg.seed == 3 and cfg.labels == ("positive",) and cfg.arch_options["din"]["num_actions"] == 5
+    options = job.MovieLensRankingConfig().block_options("din")
+    assert options["num_actions"] == 5 and options["d_model"] == 32  # the rating bucket 1..5 is the action
 
 
 # ------------------------------------------------------------------------------------ on the real ML-100K

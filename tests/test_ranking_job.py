@@ -145,15 +145,27 @@ def test_window_with_a_sampler_keeps_recent_suffixes_and_is_seeded():
         assert out["hist_timestamp"][b, :k].tolist() == batch["hist_timestamp"][b, n - k:n].tolist()
 
 
-def test_window_as_a_merlin_loader_map_step(quick_run):
+def test_window_as_a_loader_transform(quick_run):
     from merlin_longseq.t4r.request import request_dataloader
 
     cfg, run_dir = quick_run["cfg"], quick_run["run_dir"]
-    loader = request_dataloader(str(run_dir / "etl" / "eval"), 16, list(cfg.labels))
-    loader.dataset.map(RecentHistoryWindow(max_len=10))
+    loader = request_dataloader(str(run_dir / "etl" / "eval"), 16, list(cfg.labels),
+                                transform=RecentHistoryWindow(max_len=10))
     for inputs, targets in loader:
         assert inputs["hist_item_id"].shape[1] == 10 == inputs["hist_action"].shape[1]
+        assert inputs["hist_timestamp"].shape[1] == 10
         assert set(targets) == set(cfg.labels)
+
+
+def test_window_cuts_every_history_column_the_batch_has():
+    batch = padded_batch([2, 5, 0], width=5)
+    no_actions = {k: v for k, v in batch.items() if k != "hist_action"}  # an event log without actions
+    out = RecentHistoryWindow(max_len=3)(no_actions)[0]
+    assert set(out) == set(no_actions) and out["hist_item_id"].shape == out["hist_timestamp"].shape == (3, 3)
+    extra = {**batch, "hist_price": batch["hist_timestamp"] * 2}  # any hist_<event feature> goes along
+    out = RecentHistoryWindow(max_len=3)(extra)[0]
+    assert torch.equal(out["hist_price"], out["hist_timestamp"] * 2)
+    assert out["cand_item_id"] is batch["cand_item_id"]
 
 
 def test_window_errors():
@@ -161,9 +173,12 @@ def test_window_errors():
         RecentHistoryWindow(BetaLengthSampler(), max_len=3)
     with pytest.raises(ValueError, match="exactly one of sampler"):
         RecentHistoryWindow()
-    with pytest.raises(KeyError, match="hist_action"):
-        RecentHistoryWindow(max_len=2)({"hist_item_id": torch.ones(2, 3, dtype=torch.int64),
-                                        "hist_timestamp": torch.ones(2, 3, dtype=torch.int64)})
+    named = RecentHistoryWindow(max_len=2, columns=["hist_item_id", "hist_action", "hist_timestamp"])
+    with pytest.raises(KeyError, match="hist_action"):  # named columns are required
+        named({"hist_item_id": torch.ones(2, 3, dtype=torch.int64),
+               "hist_timestamp": torch.ones(2, 3, dtype=torch.int64)})
+    with pytest.raises(KeyError, match="hist_item_id"):
+        RecentHistoryWindow(max_len=2)({"hist_timestamp": torch.ones(2, 3, dtype=torch.int64)})
     with pytest.raises(ValueError, match="padded"):
         RecentHistoryWindow(max_len=2, columns=["hist_item_id"])({"hist_item_id": torch.ones(3, dtype=torch.int64)})
     with pytest.raises(ValueError, match="new_lengths <= lengths"):
@@ -201,17 +216,16 @@ def test_registry_builds_every_arch(quick_run):
         build_block("hstu", schema, cfg)  # a next-item architecture has no request block
 
 
-def test_train_model_with_windows_drawn_in_the_loop(quick_run, monkeypatch):
-    """window_at='loader': the RecentHistoryWindow step runs on every training batch (fresh draws per epoch)."""
+def test_training_with_windows_drawn_in_the_loader(quick_run, monkeypatch):
+    """window_at='loader': tr.Trainer's training loader runs the RecentHistoryWindow step on every batch."""
     import dataclasses
 
     import merlin.io
 
-    from merlin_longseq.jobs.ranking import build_model, load_batches, train_model
+    from merlin_longseq.jobs.ranking import build_model, train_arch
 
     cfg = dataclasses.replace(quick_run["cfg"], window_at="loader", epochs=1)
     path = str(quick_run["run_dir"] / "etl" / "eval")  # full histories: the window does the cutting
-    batches = load_batches(path, cfg, 16, shuffle=False)
     seen = []
     original_call = RecentHistoryWindow.__call__
 
@@ -220,10 +234,11 @@ def test_train_model_with_windows_drawn_in_the_loop(quick_run, monkeypatch):
         seen.append(((out[0]["hist_item_id"] != 0).sum(1), (inputs["hist_item_id"] != 0).sum(1)))
         return out
 
-    model = build_model("stca", merlin.io.Dataset(path, engine="parquet").schema, cfg)
+    dataset = merlin.io.Dataset(path, engine="parquet")
+    model = build_model("stca", dataset.schema, cfg)
     monkeypatch.setattr(RecentHistoryWindow, "__call__", spy)
-    stats = train_model(model, batches, cfg)
-    assert len(seen) == len(batches) and stats["train_seconds"] > 0
+    stats = train_arch(model, path, cfg)
+    assert len(seen) == math.ceil(dataset.num_rows / cfg.batch_size) and stats["train_seconds"] > 0
     for cut, full in seen:
         assert bool((cut <= torch.clamp(full, max=cfg.train_max_history)).all())
     assert any(bool((cut < full).any()) for cut, full in seen)

@@ -316,6 +316,26 @@ def test_output_schema_tags_dtypes_and_shapes(events, impressions):
     assert schema["click"].dtype.to_numpy == np.int64
 
 
+def test_integer_event_features_get_the_event_logs_int_domain(events, impressions):
+    """The operator holds the whole event log, so it states the range of an integer event feature (what a
+    request block sizes its action table from); float features and the raw user ids get none."""
+    logged = events.assign(action=[1, 2, 7, 1, 2, 1], dwell=np.linspace(0.5, 3.0, 6))
+    workflow = nvt.Workflow(list(impressions.columns) >> RequestGrouping(
+        logged, label_columns=["click"], max_history=6))
+    workflow.fit(Dataset(impressions))
+    schema = workflow.output_schema
+    assert schema["hist_action"].properties["domain"] == {"min": 1, "max": 7}
+    assert schema["hist_action"].int_domain.max == 7
+    assert "domain" not in schema["hist_dwell"].properties
+    assert "domain" not in schema["user_id"].properties
+    # no action column in the log: no hist_action column (the request blocks read every action as 0)
+    bare = nvt.Workflow(list(impressions.columns) >> RequestGrouping(
+        events.drop(columns=["action"]), label_columns=["click"], max_history=6))
+    bare.fit(Dataset(impressions))
+    assert [c for c in bare.output_schema.column_names if c.startswith("hist_")] == ["hist_item_id",
+                                                                                   "hist_timestamp"]
+
+
 def test_narrow_integer_ids_become_int64(events, impressions):
     narrow = impressions.astype({"user_id": "int32", "request_id": "int32", "item_id": "int16"})
     narrow_events = events.astype({"user_id": "int32", "item_id": "int16", "timestamp": "int32"})

@@ -9,6 +9,9 @@ Output contract (one row per request, sorted by request id inside each partition
     hist_item_id list<int64>, hist_timestamp list<int64>, hist_<feature> list   (the user's events
         STRICTLY BEFORE request_time, most recent LAST, at most max_history of them, the most recent kept)
     cand_item_id list<int64>, cand_<feature> list, <label> list   (all of one length per row)
+Schema: an integer hist_<feature> (e.g. hist_action) gets the int domain {min, max} of the whole event log
+unless its source schema has one, so a request block sizes its table from the schema alone; user ids are
+written raw, without a domain (Categorify user_id after the grouping to give a model a user table).
 The output names are fixed by the contract; only the input column names are configurable. Integer ids and
 datetime64 times are cast to int64 (datetime64 becomes int nanoseconds: events and requests must share it).
 
@@ -214,8 +217,14 @@ class RequestGrouping(Operator):
             source = self.events_schema[feature] if feature in self.events_schema.column_names else None
             dtype = md.dtype(self.events[feature].dtype)
             tags = _feature_tags(source, dtype) + [Tags.LIST, Tags.SEQUENCE]
+            properties = _plain_properties(source)
+            if "domain" not in properties and dtype.element_type in (ElementType.Int, ElementType.UInt):
+                # the operator holds the whole event log, so the value range is known: the request blocks size
+                # their action table from it (STCABlock.from_schema needs no num_actions=)
+                properties["domain"] = _int_domain(self.events[feature])
             columns.append(ColumnSchema(f"hist_{feature}", dtype=dtype, tags=tags,
-                                        properties=_plain_properties(source), dims=hist_dims))
+                                        properties={k: v for k, v in properties.items() if v is not None},
+                                        dims=hist_dims))
         columns.append(ColumnSchema(CAND_ITEM_ID, dtype=self._output_dtype_of(input_schema, self.item_col),
                                     tags=item_tags, dims=cand_dims))
         for feature in candidate_features:
@@ -506,6 +515,13 @@ def _plain_properties(source: Optional[ColumnSchema]) -> dict:
     if source is None:
         return {}
     return {k: v for k, v in source.properties.items() if k != "value_count"}
+
+
+def _int_domain(series) -> Optional[dict]:
+    """{"min", "max"} of an integer column (None for an empty one: no range to state)."""
+    if len(series) == 0:
+        return None
+    return {"min": int(series.min()), "max": int(series.max())}
 
 
 def _values(series):

@@ -10,11 +10,11 @@ fitted on every request.
 Tuning (tune=True): the same time rule applied INSIDE the train split makes a validation split (each user's
 last train days); the eval split is not read. The table in docs/RESULTS.md uses settings picked that way.
 
-Models: the Transformers4Rec models of the synthetic ranking job (merlin_longseq.jobs.ranking.build_model:
-tr.Model(tr.Head(<request block>, RequestBinaryClassificationTask("positive")))), trained by its train_model on
-the batches of its request loader, evaluated by its predict / score_metrics. Every arch has the same item
-embedding size, epochs, batch, optimiser (Adam) and learning rate; no user-id feature (the history is the
-only thing that tells users apart).
+Models: tr.Model(tr.Head(<request block>, RequestBinaryClassificationTask("positive"))) (merlin_longseq.t4r.training
+.request_model), trained with tr.Trainer (training.fit) on the request loader and scored by trainer.evaluate
+(training.evaluate: AUC, GAUC, logloss as the task's metrics). Every arch has the same item embedding size,
+epochs, batch, optimiser (Adam) and learning rate; no user-id feature (the history is the only thing that
+tells users apart).
     stca, longer, mean-pool, din     (din: merlin_longseq.t4r.din.DINBlock)
 References, so the numbers can be judged: a popularity scorer (each item's positive rate on the train split,
 shrunk towards the global rate by `prior_weight` pseudo-ratings, fixed before any eval run), the user's
@@ -106,20 +106,9 @@ class MovieLensRankingConfig:
         values.update(overrides)
         return cls(**values)
 
-    def ranking_config(self, seed: int):
-        """The synthetic ranking job's config, as its model / training / evaluation functions read it."""
-        from merlin_longseq.jobs.ranking import RankingJobConfig
-
-        options = {arch: {"num_actions": 5, **opts} for arch, opts in self.arch_options.items()}  # rating 1..5
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its synthetic-data checks do not apply here
-            # archs: that job's list has no "din"; ours is looped over here and build_model is called per arch
-            return RankingJobConfig(labels=(LABEL,), archs=("stca",), arch_options=options, use_user_id=False,
-                                    epochs=self.epochs, batch_size=self.batch_size,
-                                    eval_batch_size=self.eval_batch_size, learning_rate=self.learning_rate,
-                                    seed=seed, progress=self.progress, torch_threads=None, window_at="etl",
-                                    train_max_history=self.max_history, eval_max_history=self.max_history,
-                                    eval_lengths=self.eval_lengths)
+    def block_options(self, arch: str) -> dict:
+        """The config fields of `arch`'s request block (the rating bucket 1..5 is the history's action)."""
+        return {"num_actions": 5, **self.arch_options.get(arch, {})}
 
 
 # ---- data and ETL -------------------------------------------------------------------------------------------------
@@ -186,11 +175,11 @@ def spread_first_days(requests, batch_size: int, seed: int = 0):
     """Renumber request_id so that the requests with an empty history (each user's first day) are spread evenly
     among the others, in a seeded random order.
 
-    Why: the merlin loader fails (KeyError: 0 in _convert_df_to_tensors) on a batch in which a list column is
-    empty in EVERY row, and on ML-100K most train requests are first days (a user with one day has nothing
-    else). RequestGrouping writes rows in request_id order and the job loads them unshuffled (the batches are
-    cached once and their order reshuffled every epoch by train_model), so an even spread keeps at least one
-    history in every batch. Nothing else reads request_id: times and the split are set before this.
+    Why: on ML-100K most train requests are first days (a user with one day has nothing else), and RequestGrouping
+    writes rows in request_id order, so without the spread whole partitions held empty histories only, which the
+    merlin loader could not read (KeyError: 0) before request_dataloader learnt to. Kept so that the splits and
+    the eval batches stay those of the published numbers. Nothing else reads request_id: times and the split are
+    set before this.
     """
     firsts = requests.drop_duplicates("request_id")
     first_day = (firsts["user_id"] != firsts["user_id"].shift()).to_numpy()  # rows are in (user, time) order
@@ -227,7 +216,7 @@ def _candidates_and_labels(batches):
 
 def reference_scores(train_batches, eval_batches, cfg: MovieLensRankingConfig) -> dict:
     """{name: metrics} of the popularity, user-history-rate and random scorers on the held-out candidates."""
-    from merlin_longseq.jobs.ranking import score_metrics
+    from merlin_longseq.metrics import binary_metrics
 
     _, train_items, train_labels, _, _ = _candidates_and_labels(train_batches)
     request, items, labels, users, histories = _candidates_and_labels(eval_batches)
@@ -242,7 +231,7 @@ def reference_scores(train_batches, eval_batches, cfg: MovieLensRankingConfig) -
     rng = np.random.default_rng(0)
     scorers = {"popularity": popularity[items], "user history rate": user_rate[request],
                "random": rng.random(len(items))}
-    return {name: score_metrics({f"p_{LABEL}": p, LABEL: labels, "user_id": users}, [LABEL])
+    return {name: {f"{metric}_{LABEL}": value for metric, value in binary_metrics(p, labels, users).items()}
             for name, p in scorers.items()}
 
 
@@ -267,17 +256,17 @@ def _run(run_dir: str, cfg: MovieLensRankingConfig, log) -> dict:
     import merlin.io
     import torch
 
-    from merlin_longseq.jobs.ranking import build_model, load_batches, predict, score_metrics, train_model
+    from merlin_longseq.t4r.request import block_for, request_dataloader
+    from merlin_longseq.t4r.training import evaluate, fit, request_model
 
     started_all = time.perf_counter()
     events, source = load_events(cfg)
     log(f"[1/4] {len(events):,} ratings of {events['user_id'].nunique()} users from {source}")
     paths = run_ranking_etl(events, os.path.join(run_dir, "etl"), cfg)
     schema = merlin.io.Dataset(paths["train"], engine="parquet").schema
-    base_cfg = cfg.ranking_config(seed=0)
-    # unshuffled: run_ranking_etl already spread the empty histories in a seeded random order (spread_first_days)
-    train_batches = load_batches(paths["train"], base_cfg, cfg.batch_size, shuffle=False)
-    eval_batches = load_batches(paths["evaluate"], base_cfg, cfg.eval_batch_size, shuffle=False)
+    # one pass of the request loader over each split, for the counts and the reference scorers
+    train_batches = list(request_dataloader(paths["train"], cfg.batch_size, [LABEL]))
+    eval_batches = list(request_dataloader(paths["evaluate"], cfg.eval_batch_size, [LABEL]))
     counts = {split: {"requests": sum(int(b[0]["cand_item_id"].shape[0]) for b in batches),
                       "candidates": sum(int((b[0]["cand_item_id"] != 0).sum()) for b in batches),
                       "positive_rate": float(np.mean(np.concatenate(
@@ -292,14 +281,19 @@ def _run(run_dir: str, cfg: MovieLensRankingConfig, log) -> dict:
     runs = []
     jobs = [(arch, seed) for arch in cfg.archs for seed in cfg.seeds]
     for i, (arch, seed) in enumerate(jobs):
-        rcfg = cfg.ranking_config(seed)
         torch.manual_seed(seed)
-        model = build_model(arch, schema, rcfg)
-        stats = train_model(model, train_batches, rcfg, desc=f"{arch} seed {seed}")
+        model = request_model(block_for(arch).from_schema(schema, use_user_id=False, **cfg.block_options(arch)),
+                              [LABEL])
+        # Adam at a constant learning rate, no gradient clipping: the settings the published numbers were made with
+        stats = fit(model, paths["train"], epochs=cfg.epochs, batch_size=cfg.batch_size,
+                    learning_rate=cfg.learning_rate, seed=seed, progress=cfg.progress,
+                    lr_scheduler_type="constant", max_grad_norm=0.0)
         row = {"arch": arch, "seed": seed, "parameters": int(sum(p.numel() for p in model.parameters())), **stats}
         for length in cfg.eval_lengths:
-            metrics = score_metrics(predict(model, eval_batches, rcfg, length), [LABEL])
-            row.update({f"{name}@{length}": value for name, value in metrics.items()})
+            metrics = evaluate(model, paths["evaluate"], batch_size=cfg.eval_batch_size, max_history=length,
+                               progress=cfg.progress)
+            row.update({f"{name}@{length}": metrics[name] for name in
+                        (f"auc_{LABEL}", f"gauc_{LABEL}", f"logloss_{LABEL}")})
         runs.append(row)
         longest = max(cfg.eval_lengths)
         log(f"[3/4] {arch} seed {seed} ({i + 1}/{len(jobs)}): loss {stats['train_loss_first']:.4f} -> "

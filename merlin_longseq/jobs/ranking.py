@@ -13,15 +13,15 @@ ETL (workflows.request_grouping.build_request_workflow: RequestGrouping + joint 
                window_at="loader" instead draws a fresh window per epoch in the T4R loader (RecentHistoryWindow)
   eval split   full histories up to eval_max_history (4,096), same item vocabulary as the train split
 Training: for each arch, a Transformers4Rec model tr.Model(tr.Head(<block>, [RequestBinaryClassificationTask
-per label])) trained in a plain loop (Adam, progress bar) on batches of the real T4R loader (request_dataloader).
-Each split is read by the loader ONCE and its batches reused for every arch, epoch (reshuffled) and eval length:
-one loader pass costs about as much as an epoch of STCA training on a 2-core CPU.
+per label])) trained by tr.Trainer (merlin_longseq.t4r.training.fit: Adam at a constant learning rate, the
+Trainer's progress bar) on the T4R request loader (request_dataloader), reshuffled every epoch.
   stca       STCABlock (stacked target-to-history cross attention, request level batching)
   mean-pool  MeanPoolBlock (mean of the history tokens + target -> MLP; the no-attention baseline)
-  longer     LONGERBlock (merlin_longseq.t4r.longer; imported only when asked for)
-Evaluation: the eval split with each history capped at the most recent L events, L in eval_lengths; AUC,
-GAUC (per-user AUC averaged over users with both classes) and logloss per label. A seeded random scorer gives
-the chance level. Report: table (report.md), plot of AUC against history length (ranking_auc_vs_length.png,
+  longer     LONGERBlock (one registry entry, like the others)
+Evaluation: trainer.evaluate (merlin_longseq.t4r.training.evaluate) on the eval split with each history capped
+at the most recent L events, L in eval_lengths; AUC, GAUC (per-user AUC averaged over users with both classes)
+and logloss per label, as the tasks' metrics (merlin_longseq.t4r.metrics). A seeded random scorer gives the
+chance level. Report: table (report.md), plot of AUC against history length (ranking_auc_vs_length.png,
 one line per arch), and ranking_metrics.json with every number.
 
 Run: python -m merlin_longseq.jobs.ranking [--quick] [--arch stca ...] [--out DIR]
@@ -197,106 +197,30 @@ def _all_rows(*frames):
 
 # ---- models -----------------------------------------------------------------------------------------------------
 def build_block(arch: str, schema, cfg: RankingJobConfig):
-    """The request block of `arch` from the request schema (the one changed line between archs)."""
+    """The request block of `arch` from the request schema (the one changed line between archs); its sizes,
+    num_actions included, come from the schema's int domains (RequestGrouping writes hist_action's)."""
     from merlin_longseq.t4r.request import block_for
 
-    options = dict(cfg.arch_options.get(arch, {}))
-    options.setdefault("num_actions", 3)  # RequestGrouping passes the raw action column through (no domain)
-    return block_for(arch).from_schema(schema, use_user_id=cfg.use_user_id, **options)
+    return block_for(arch).from_schema(schema, use_user_id=cfg.use_user_id, **cfg.arch_options.get(arch, {}))
 
 
 def build_model(arch: str, schema, cfg: RankingJobConfig):
-    import transformers4rec.torch as tr
+    """tr.Model with the block of `arch` and one task per label, scored by AUC, GAUC and logloss."""
+    from merlin_longseq.t4r.training import request_model
 
-    from merlin_longseq.t4r.request import RequestBinaryClassificationTask
-
-    block = build_block(arch, schema, cfg)
-    return tr.Model(tr.Head(block, [RequestBinaryClassificationTask(label) for label in cfg.labels]))
+    return request_model(build_block(arch, schema, cfg), cfg.labels)
 
 
-def load_batches(path: str, cfg: RankingJobConfig, batch_size: int, shuffle: bool) -> list:
-    """Every (inputs, targets) batch of one pass of the real T4R loader (request_dataloader), kept in memory.
-
-    The jobs read each split once and reuse the batches for every arch, epoch and eval length: on a 2-core CPU
-    one pass of the merlin loader over the train split costs about as much as an epoch of training.
-    """
-    from merlin_longseq.t4r.request import request_dataloader
-
-    np.random.seed(cfg.seed)  # the merlin loader shuffles with numpy's global RNG
-    loader = request_dataloader(path, batch_size, list(cfg.labels), shuffle=shuffle)
-    return [batch for batch in loader]
-
-
-def train_model(model, batches: list, cfg: RankingJobConfig, desc: str = "train") -> dict:
-    """Adam over the cached train batches for cfg.epochs epochs (batch order reshuffled every epoch)."""
-    import torch
-    from tqdm.auto import tqdm
-
+def train_arch(model, train_path: str, cfg: RankingJobConfig) -> dict:
+    """tr.Trainer training of one model; window_at="loader" draws a fresh Beta window per request and epoch."""
     from merlin_longseq.extrapolation import RecentHistoryWindow
+    from merlin_longseq.t4r.training import fit
 
-    # window_at="loader": a fresh Beta window per request and epoch, the same step a merlin Loader.map would run
     window = RecentHistoryWindow(cfg.sampler, seed=cfg.seed) if cfg.window_at == "loader" else None
-    rng = np.random.default_rng(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-    losses, requests, candidates = [], 0, 0
-    started = time.perf_counter()
-    model.train()
-    with tqdm(total=cfg.epochs * len(batches), desc=desc, disable=not cfg.progress, leave=False) as bar:
-        for _ in range(cfg.epochs):
-            for index in rng.permutation(len(batches)):
-                inputs, targets = dict(batches[index][0]), batches[index][1]  # models may edit the dict
-                if window is not None:
-                    inputs, targets = window(inputs, targets)
-                out = model(inputs, targets=targets, training=True)
-                optimizer.zero_grad()
-                out["loss"].backward()
-                optimizer.step()
-                losses.append(float(out["loss"]))
-                requests += int(inputs["cand_item_id"].shape[0])
-                candidates += int((inputs["cand_item_id"] != 0).sum())
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
-    seconds = time.perf_counter() - started
-    tenth = max(1, len(losses) // 10)
-    return {"train_loss_first": float(np.mean(losses[:tenth])), "train_loss_last": float(np.mean(losses[-tenth:])),
-            "train_seconds": round(seconds, 2), "train_requests_per_second": round(requests / seconds, 1),
-            "train_candidates_per_second": round(candidates / seconds, 1)}
-
-
-def predict(model, batches: list, cfg: RankingJobConfig, max_len: int) -> dict:
-    """Probabilities, labels and user ids of every real eval candidate, histories capped at max_len."""
-    import torch
-
-    from merlin_longseq.extrapolation import RecentHistoryWindow
-
-    cap = RecentHistoryWindow(max_len=max_len)
-    model.eval()
-    out = {"user_id": [], **{f"p_{label}": [] for label in cfg.labels}, **{label: [] for label in cfg.labels}}
-    with torch.no_grad():
-        for inputs, targets in batches:
-            inputs, targets = cap(dict(inputs), targets)
-            real = inputs["cand_item_id"] != 0
-            scores = model(inputs)
-            if not isinstance(scores, dict):
-                scores = {cfg.labels[0]: scores}
-            for label in cfg.labels:
-                [key] = [k for k in scores if k == label or k.split("/")[0] == label]
-                out[f"p_{label}"].append(scores[key][real].numpy())
-                out[label].append(targets[label][real].numpy())
-            out["user_id"].append(inputs["user_id"].reshape(-1, 1).expand_as(real)[real].numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def score_metrics(predictions: dict, labels) -> dict:
-    from merlin_longseq.metrics import auc, gauc, logloss
-
-    row = {}
-    for label in labels:
-        p, y = predictions[f"p_{label}"], predictions[label]
-        row[f"auc_{label}"] = auc(p, y)
-        row[f"gauc_{label}"] = gauc(p, y, predictions["user_id"])
-        row[f"logloss_{label}"] = logloss(p, y)
-    return row
+    # as this job's numbers were always made: Adam at a constant learning rate, no gradient clipping
+    return fit(model, train_path, epochs=cfg.epochs, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+               seed=cfg.seed, train_transform=window, progress=cfg.progress, lr_scheduler_type="constant",
+               max_grad_norm=0.0)
 
 
 # ---- the job ------------------------------------------------------------------------------------------------------
@@ -305,19 +229,21 @@ def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print, models_out
 
     models_out: a dict that receives each trained Transformers4Rec model under its arch (in eval mode; the core
     STCAModel / LONGERModel is the request block's `.model`), e.g. for serving them (jobs/serve_demo.py).
+    Warnings are silenced and cfg.torch_threads set only while the job runs; both are restored on return.
     """
     if models_out is not None and not isinstance(models_out, dict):
         raise ValueError(f"models_out must be a dict (or None), got {type(models_out).__name__}")
     import torch
 
     cfg = cfg or RankingJobConfig()
-    warnings.filterwarnings("ignore")
     os.makedirs(run_dir, exist_ok=True)
     previous_threads = torch.get_num_threads()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
     try:
-        return _run(run_dir, cfg, log, models_out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # merlin / T4R / HF deprecation noise
+            if cfg.torch_threads:
+                torch.set_num_threads(cfg.torch_threads)
+            return _run(run_dir, cfg, log, models_out)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -325,6 +251,8 @@ def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print, models_out
 def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = None) -> list[dict]:
     import merlin.io
     import torch
+
+    from merlin_longseq.t4r.training import evaluate
 
     timings = {}
     started = time.perf_counter()
@@ -342,23 +270,20 @@ def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = Non
     timings["etl_seconds"] = round(time.perf_counter() - started, 2)
     schema = merlin.io.Dataset(paths["train"], engine="parquet").schema
 
-    started = time.perf_counter()
-    train_batches = load_batches(paths["train"], cfg, cfg.batch_size, shuffle=True)
-    eval_batches = load_batches(paths["eval"], cfg, cfg.eval_batch_size, shuffle=False)
-    timings["loader_seconds"] = round(time.perf_counter() - started, 2)
     results, train_stats = [], {}
+    metric_names = [f"{m}_{label}" for label in cfg.labels for m in ("auc", "gauc", "logloss")]
     for i, arch in enumerate(cfg.archs):
-        log(f"[3/4] training {arch} with Transformers4Rec ({i + 1}/{len(cfg.archs)})")
+        log(f"[3/4] training {arch} with the Transformers4Rec Trainer ({i + 1}/{len(cfg.archs)})")
         torch.manual_seed(cfg.seed)
         model = build_model(arch, schema, cfg)
-        stats = train_model(model, train_batches, cfg, desc=arch)
+        stats = train_arch(model, paths["train"], cfg)
         stats["parameters"] = sum(p.numel() for p in model.parameters())
         train_stats[arch] = stats
         started = time.perf_counter()
-        for length in cfg.eval_lengths:
-            row = {"arch": arch, "history_len": length,
-                   **score_metrics(predict(model, eval_batches, cfg, length), cfg.labels)}
-            results.append(row)
+        for length in cfg.eval_lengths:  # trainer.evaluate with histories cut to the `length` most recent events
+            metrics = evaluate(model, paths["eval"], batch_size=cfg.eval_batch_size, max_history=length,
+                               progress=cfg.progress)
+            results.append({"arch": arch, "history_len": length, **{k: metrics[k] for k in metric_names}})
         stats["eval_seconds"] = round(time.perf_counter() - started, 2)
         if models_out is not None:
             models_out[arch] = model.eval()
@@ -367,7 +292,7 @@ def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = Non
             + ", ".join(f"AUC@{r['history_len']} {r['auc_' + cfg.labels[0]]:.4f}" for r in results
                         if r["arch"] == arch))
     # chance level on the same candidates (one draw; independent of the history length)
-    reference = random_reference(eval_batches, cfg)
+    reference = random_reference(paths["eval"], cfg)
     log("[4/4] report")
     summary = {"config": asdict(cfg), "timings": timings, "train": train_stats, "results": results,
                "random_scorer": reference}
@@ -377,19 +302,21 @@ def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = Non
     return results
 
 
-def random_reference(eval_batches, cfg: RankingJobConfig) -> dict:
-    """Metrics of a seeded uniform random scorer on the eval candidates (the chance level)."""
+def random_reference(eval_path: str, cfg: RankingJobConfig) -> dict:
+    """Metrics of a seeded uniform random scorer on the eval candidates (the chance level), in file order."""
+    import merlin.io
+
+    from merlin_longseq.metrics import binary_metrics
+
+    frame = merlin.io.Dataset(eval_path, engine="parquet").to_ddf().compute()
+    users = np.repeat(frame["user_id"].to_numpy(), frame["cand_item_id"].map(len).to_numpy())
     rng = np.random.default_rng(cfg.seed)
-    predictions = {"user_id": [], **{label: [] for label in cfg.labels}}
-    for inputs, targets in eval_batches:
-        real = inputs["cand_item_id"] != 0
-        predictions["user_id"].append(inputs["user_id"].reshape(-1, 1).expand_as(real)[real].numpy())
-        for label in cfg.labels:
-            predictions[label].append(targets[label][real].numpy())
-    predictions = {k: np.concatenate(v) for k, v in predictions.items()}
+    reference = {}
     for label in cfg.labels:
-        predictions[f"p_{label}"] = rng.random(len(predictions[label]))
-    return score_metrics(predictions, cfg.labels)
+        labels = np.concatenate(frame[label].to_list()).astype(float)
+        scores = rng.random(len(labels))
+        reference.update({f"{name}_{label}": value for name, value in binary_metrics(scores, labels, users).items()})
+    return reference
 
 
 def write_ranking_report(run_dir: str, results: list[dict], cfg: RankingJobConfig, log=print):

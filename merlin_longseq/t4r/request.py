@@ -39,9 +39,11 @@ import warnings
 from typing import Callable, Sequence
 
 import numpy as np
-
+import pandas as pd
 import torch
 import torchmetrics as tm
+from merlin.core.dispatch import is_list_dtype
+from merlin.dataloader.torch import Loader
 from merlin.schema import Schema as CoreSchema
 from merlin.schema import Tags, TagSet
 from transformers4rec.torch.block.base import BlockBase
@@ -366,9 +368,10 @@ class RequestBinaryClassificationTask(BinaryClassificationTask):
                                "calculate_metrics with the predictions of the task's last forward (as tr.Trainer "
                                "and tr.Model.evaluate / fit do)")
         if last[1] is None:
-            block = self._request_block[0]
-            raise ValueError(f"{type(metric).__name__} needs the user id of every request, but the batch has no "
-                             f"{block.user_column!r} column (request_dataloader loads it when the data has it)")
+            column = self._request_block[0].user_column
+            where = (f"the batch has no {column!r} column (request_dataloader loads it when the data has it)"
+                     if column else "the request block records none (user_column=None)")
+            raise ValueError(f"{type(metric).__name__} needs the user id of every request, but {where}")
         return last[1]
 
     def head_linear(self) -> torch.nn.Linear:
@@ -427,8 +430,8 @@ class RequestBatchPadding:
     """A merlin Loader map step: checks label lengths, pads each list column to its own batch maximum, moves
     labels to targets.
 
-    It runs inside the merlin Loader (Loader.map), so it applies both when the T4R MerlinDataLoader is
-    iterated and when tr.Model.fit / evaluate iterate its `.dataset` directly.
+    It runs inside the merlin Loader (Loader.map), so it applies both when RequestDataLoader is iterated and
+    when tr.Model.fit / evaluate iterate its `.dataset` directly.
     """
 
     def __init__(self, label_columns: Sequence[str], candidate_column: str = "cand_item_id"):
@@ -456,43 +459,149 @@ class RequestBatchPadding:
         return padded, labels
 
 
-def request_dataloader(paths_or_dataset, batch_size: int, label_columns: Sequence[str], *,
-                       columns: RequestColumns | None = None, schema=None, shuffle: bool = False,
-                       drop_last: bool = False, **loader_kwargs) -> MerlinDataLoader:
-    """A Transformers4Rec MerlinDataLoader over request-grouped parquet: (inputs, {label: [B, C]}) batches.
+class _RequestLoader(Loader):
+    """The merlin torch Loader, able to load a chunk in which a list column is empty in every row.
+
+    merlin-dataloader 23.8 converts a chunk's list columns with `leaves[0]` on the flattened values, which
+    raises `KeyError: 0` when every list of the column is empty: a partition of requests that all have empty
+    histories (a day of new users). Here such a column gets one placeholder value in its first row for the
+    conversion, removed again from the tensors. (pandas chunks, the CPU path; cudf chunks are left as they are.)
+    """
+
+    def _convert_df_to_tensors(self, gdf):
+        emptied = []
+        if isinstance(gdf, pd.DataFrame) and len(gdf):
+            for name in gdf.columns:
+                column = gdf[name]
+                if column.dtype != object or not is_list_dtype(column) or len(column.iat[0]):
+                    continue  # a scalar column, or a list column with a value in its first row
+                if int(column.map(len).sum()) == 0:
+                    column = column.copy()
+                    column.iat[0] = np.zeros(1, dtype=self._element_dtype(name))
+                    gdf[name] = column
+                    emptied.append(name)
+        tensors = super()._convert_df_to_tensors(gdf)
+        for name in emptied:
+            values, offsets = tensors[name]
+            tensors[name] = (values[:0], offsets * 0)  # numpy arrays here (the Loader makes tensors later)
+        return tensors
+
+    def _element_dtype(self, name):
+        schema = self.input_schema
+        if name in schema.column_names and schema[name].dtype.element_type.value != "unknown":
+            return schema[name].dtype.to_numpy
+        return np.int64  # request lists hold integer ids, actions and times
+
+
+def _first_item(batch):
+    return batch[0]  # the merlin Loader yields whole batches: the torch DataLoader around it collates one item
+
+
+@dataloader_registry.register_with_multiple_names("merlin_request")
+class RequestDataLoader(T4RecDataLoader, DLDataLoader):
+    """A Transformers4Rec data loader over request-grouped parquet: (inputs, {label: [B, C]}) batches.
 
     Lists come padded with 0 to their own batch maximum (history and candidates separately, nothing
-    truncated); labels are aligned with cand_item_id. Works with a plain loop and with tr.Trainer
-    (pass it as train_dataloader / eval_dataloader).
+    truncated); labels are aligned with cand_item_id; `transform(inputs, targets) -> (inputs, targets)`, if
+    given, runs on every padded batch (a merlin Loader.map step, so it also runs when tr.Model.fit / evaluate
+    iterate `.dataset`). Build it with request_dataloader, or let the stock tr.Trainer build it from a schema:
+    it is the T4R engine "merlin_request" (T4RecTrainingArguments(data_loader_engine="merlin_request")).
     """
-    import merlin.io
 
-    columns = columns or RequestColumns()
-    if isinstance(paths_or_dataset, merlin.io.Dataset):
-        dataset = copy.copy(paths_or_dataset)  # the loader rewrites the schema: leave the caller's alone
-    else:
-        dataset = merlin.io.Dataset(paths_or_dataset, engine="parquet")
-    schema = _core_schema(schema) or dataset.schema
-    # the merlin Loader pops TARGET-tagged columns as labels and fails on ragged lists: untag them here
-    cleaned = []
-    for col in schema:
-        if col.name in label_columns and Tags.TARGET in col.tags:
-            untagged = TagSet([t for t in col.tags if t != Tags.TARGET])
-            col = dataclasses.replace(col, tags=untagged, dims=col.shape.as_tuple)
-        cleaned.append(col)
-    schema = CoreSchema(cleaned)
-    if columns.hist_action and columns.hist_action not in schema.column_names:
-        columns = columns.without("hist_action")
-    lists = columns.lists + list(label_columns)
-    scalars = [c for c in columns.scalars if c == columns.request_time or c in schema.column_names]
-    missing = [c for c in lists + scalars if c not in schema.column_names]
-    if missing:
-        raise ValueError(f"the dataset lacks the columns {missing} (columns: {schema.column_names})")
-    dataset.schema = schema
-    loader = MerlinDataLoader(dataset, batch_size, max_sequence_length=None, cats=scalars, conts=[], labels=[],
-                              lists=lists, shuffle=shuffle, drop_last=drop_last, schema=schema, **loader_kwargs)
-    loader.dataset.map(RequestBatchPadding(label_columns, columns.cand_item_id))  # the merlin Loader it wraps
-    return loader
+    def __init__(self, paths_or_dataset, batch_size: int, label_columns: Sequence[str], *,
+                 columns: RequestColumns | None = None, schema=None, shuffle: bool = False, drop_last: bool = False,
+                 transform: Callable | None = None, seed_fn=None, parts_per_chunk: int = 1, device=None,
+                 global_size=None, global_rank=None):
+        import merlin.io
+
+        T4RecDataLoader.__init__(self)
+        label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
+        if not label_columns:
+            raise ValueError("a request loader needs at least one label column (list, aligned with the candidates)")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable as transform(inputs, targets), got {type(transform).__name__}")
+        columns = columns or RequestColumns()
+        if isinstance(paths_or_dataset, merlin.io.Dataset):
+            dataset = copy.copy(paths_or_dataset)  # the loader rewrites the schema: leave the caller's alone
+        else:
+            dataset = merlin.io.Dataset(paths_or_dataset, engine="parquet")
+        schema = _core_schema(schema) or dataset.schema
+        if columns.hist_action and columns.hist_action not in schema.column_names:
+            columns = columns.without("hist_action")
+        history = [c for c in columns.lists if c != columns.cand_item_id]
+        cleaned = []
+        for col in schema:
+            # the merlin Loader pops TARGET-tagged columns as labels and fails on ragged lists: untag them here
+            if col.name in label_columns and Tags.TARGET in col.tags:
+                untagged = TagSet([t for t in col.tags if t != Tags.TARGET])
+                col = dataclasses.replace(col, tags=untagged, dims=col.shape.as_tuple)
+            # merlin infers no type for a list column that is empty in every row of the first file (requests of
+            # new users only); history lists are integer by the request contract
+            if col.name in history and col.dtype.element_type.value == "unknown":
+                col = col.with_dtype(np.int64)
+            cleaned.append(col)
+        schema = CoreSchema(cleaned)
+        lists = columns.lists + label_columns
+        scalars = [c for c in columns.scalars if c == columns.request_time or c in schema.column_names]
+        missing = [c for c in lists + scalars if c not in schema.column_names]
+        if missing:
+            raise ValueError(f"the dataset lacks the columns {missing} (columns: {schema.column_names})")
+        dataset.schema = schema.select_by_name(lists + scalars)
+        loader = _RequestLoader(dataset, batch_size, shuffle=shuffle, seed_fn=seed_fn, parts_per_chunk=parts_per_chunk,
+                                global_size=global_size, global_rank=global_rank, drop_last=drop_last, device=device)
+        loader = loader.map(RequestBatchPadding(label_columns, columns.cand_item_id))
+        if transform is not None:
+            loader = loader.map(transform)
+        DLDataLoader.__init__(self, loader, collate_fn=_first_item, batch_size=batch_size, drop_last=drop_last)
+        # (torch's DataLoader owns batch_size / drop_last; DLDataLoader keeps the batch size as _batch_size)
+        self.paths_or_dataset, self.columns, self.label_columns = paths_or_dataset, columns, label_columns
+        self.transform, self.schema = transform, schema
+
+    @classmethod
+    def from_schema(cls, schema, paths_or_dataset, batch_size, max_sequence_length=None, shuffle=True,
+                    drop_last=False, columns: RequestColumns | None = None, transform: Callable | None = None,
+                    global_rank=None, global_size=None, device=None, **unused):
+        """What tr.Trainer calls to build its loaders: the labels are the schema's TARGET-tagged columns.
+
+        max_sequence_length must stay None (T4RecTrainingArguments' default): T4R pads every list to it and
+        cuts from the right, which would drop the most recent events; cap histories in the ETL (max_history)
+        or with RecentHistoryWindow(max_len=...) instead. `unused` takes T4R's other arguments
+        (shuffle_buffer_size), which this loader does not need.
+        """
+        if max_sequence_length:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: request data is padded per batch and "
+                             "never cut from the right (that would drop the most recent events); leave it None and "
+                             "cap histories in the ETL or with extrapolation.RecentHistoryWindow(max_len=...)")
+        schema = _core_schema(schema)
+        if schema is None:
+            raise ValueError("the request loader needs the dataset's schema")
+        labels = schema.select_by_tag(Tags.TARGET).column_names
+        if not labels:
+            raise ValueError("the schema tags no TARGET column: pass the dataset's schema (RequestGrouping tags the "
+                             f"label lists TARGET), not the model's input schema; columns: {schema.column_names}")
+        return cls(paths_or_dataset, batch_size, labels, columns=columns, schema=schema, shuffle=shuffle,
+                   drop_last=drop_last, transform=transform, global_rank=global_rank, global_size=global_size,
+                   device=device)
+
+    @property
+    def output_schema(self):
+        return self.dataset.output_schema
+
+
+def request_dataloader(paths_or_dataset, batch_size: int, label_columns: Sequence[str], *,
+                       columns: RequestColumns | None = None, schema=None, shuffle: bool = False,
+                       drop_last: bool = False, transform: Callable | None = None,
+                       **loader_kwargs) -> RequestDataLoader:
+    """A Transformers4Rec data loader over request-grouped parquet (see RequestDataLoader).
+
+    transform: a step run on every padded batch after the padding, e.g.
+    `extrapolation.RecentHistoryWindow(BetaLengthSampler(...))` on the TRAINING loader (a fresh recent window
+    per request and epoch) or `RecentHistoryWindow(max_len=L)` to evaluate at history length L. Works with a
+    plain loop, tr.Model.fit / evaluate and tr.Trainer (train_dataloader= / eval_dataloader=).
+    loader_kwargs: seed_fn, parts_per_chunk, device, global_size, global_rank (the merlin Loader's).
+    """
+    return RequestDataLoader(paths_or_dataset, batch_size, label_columns, columns=columns, schema=schema,
+                             shuffle=shuffle, drop_last=drop_last, transform=transform, **loader_kwargs)
 
 
 STCABlock, LONGERBlock, MeanPoolBlock, DINBlock = (BLOCKS[a] for a in ("stca", "longer", "mean-pool", "din"))
@@ -504,6 +613,7 @@ __all__ = [
     "MeanPoolBlock",
     "RequestBatchPadding",
     "RequestBinaryClassificationTask",
+    "RequestDataLoader",
     "RequestBlock",
     "STCABlock",
     "block_for",
