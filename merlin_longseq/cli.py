@@ -148,7 +148,7 @@ def _export(args) -> int:
     import transformers4rec.torch as tr
     from tqdm.auto import tqdm
 
-    from merlin_longseq.serving.export import export
+    from merlin_longseq.serving.repository import export
 
     with tqdm(total=3, desc="export", leave=False) as bar:
         # tr.Model.load unpickles the folder's model file: load only models you trained yourself

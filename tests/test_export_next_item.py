@@ -53,7 +53,7 @@ def test_exported_step_answers_top_k_and_candidate_scores_like_the_model(tmp_pat
     pytest.importorskip("merlin.systems")
     from merlin.table import TensorTable
 
-    from merlin_longseq.serving.export import export, read_manifest
+    from merlin_longseq.serving.repository import export, read_manifest
     from merlin_longseq.serving.operator import PredictLongSeq, load_model
 
     model = _built(top_k=5)
@@ -97,7 +97,7 @@ def _exported_recipe(model):
 def test_parts_without_a_served_form_are_refused():
     import transformers4rec.torch as tr
 
-    from merlin_longseq.serving.export import servable
+    from merlin_longseq.serving.repository import servable
     from merlin_longseq.t4r import HSTUBlock
     from t4r_schema import input_module
 

@@ -118,7 +118,7 @@ def test_server_was_stopped_and_its_ports_are_free(job):
 
 def test_served_longer_form_scores_like_the_t4r_model(job):
     """servable folds the T4R task heads into a headed LONGERModel: sigmoid(its logits) = T4R's output."""
-    from merlin_longseq.serving.export import servable
+    from merlin_longseq.serving.repository import servable
 
     core, names = servable(job["models"]["longer"], LABELS)
     assert names == LABELS and core.cfg.num_tasks == 2
@@ -146,7 +146,7 @@ def test_skips_with_one_line_without_the_serve_extra_or_a_servable_model(job, mo
 
 def test_bad_input_is_refused(job):
     from merlin_longseq.jobs import serve_demo
-    from merlin_longseq.serving.export import servable
+    from merlin_longseq.serving.repository import servable
 
     with pytest.raises(ValueError, match="num_requests"):
         serve_demo.run("unused", job["cfg"], job["models"], "unused", num_requests=0)

@@ -33,7 +33,7 @@ from merlin_longseq.models.hstu import HSTUConfig, HSTUNextItemModel  # noqa: E4
 from merlin_longseq.models.longer import LONGERConfig, LONGERModel  # noqa: E402
 from merlin_longseq.models.stca import STCAConfig, STCAModel  # noqa: E402
 from merlin_longseq.serving.client import ScoringClient, ScoringError  # noqa: E402
-from merlin_longseq.serving.export import export  # noqa: E402
+from merlin_longseq.serving.repository import export  # noqa: E402
 from merlin_longseq.serving.server import free_port  # noqa: E402
 from merlin_longseq.workflows.request_grouping import build_request_workflow  # noqa: E402
 from merlin_longseq.workflows.sequences import SequenceColumns, build_encode_workflow  # noqa: E402

@@ -8,7 +8,7 @@ query them with real requests, check the scores and report latency.
 Steps:
 1. Servable models: export takes the trained T4R model itself. Its request block holds a HEADLESS core model;
    the heads are the T4R tasks (RequestBinaryClassificationTask: Linear(hidden, 1) + sigmoid), which
-   merlin_longseq.serving.export.servable folds into the core model's task head, so the served logits are
+   merlin_longseq.serving.repository.servable folds into the core model's task head, so the served logits are
    exactly the pre-sigmoid scores of the trained T4R model. Every registered ranking architecture serves.
 2. Export (merlin_longseq.serving.export) of every servable model with the fitted eval-side NVTabular
    workflow (full histories, the training item vocabulary) into <run_dir>/repo, one ensemble per arch.
@@ -250,7 +250,7 @@ def _run(run_dir, cfg, models, archs, workflow_path, log, num_requests, concurre
     import nvtabular as nvt
 
     from merlin_longseq.jobs.ranking import make_data
-    from merlin_longseq.serving.export import export, servable
+    from merlin_longseq.serving.repository import export, servable
     from merlin_longseq.serving.server import TritonServer
 
     os.makedirs(run_dir, exist_ok=True)

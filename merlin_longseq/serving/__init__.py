@@ -8,7 +8,7 @@ from merlin_longseq.serving.scoring import UserStateCache, make_scorer, serving_
 
 
 def export(*args, **kwargs):
-    """See merlin_longseq.serving.export.export."""
-    from merlin_longseq.serving.export import export as _export
+    """See merlin_longseq.serving.repository.export (a function here: the module is `repository`)."""
+    from merlin_longseq.serving.repository import export as _export
 
     return _export(*args, **kwargs)

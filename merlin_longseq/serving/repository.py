@@ -159,13 +159,15 @@ def item_vocabulary(workflow, item_column: str | None = None):
     import pandas as pd
 
     storage, path = find_item_vocabulary(workflow, item_column)
-    values = pd.read_parquet(path)[storage]
-    if values.isna().any():  # the null row: no raw id to return for it
-        values = values.fillna(0)
-    array = values.to_numpy()
-    if array.dtype.kind not in "iu":
-        raise ValueError(f"top-k decoding needs integer raw item ids; the vocabulary holds {array.dtype}")
-    return array.astype(np.int64)
+    values = pd.read_parquet(path)[storage].dropna()
+    if values.dtype.kind not in "iu":
+        raise ValueError(f"top-k decoding needs integer raw item ids; the vocabulary holds {values.dtype}")
+    # the parquet's index is the encoded id (Categorify 23.08 starts at 3: 0 pad, 1 null, 2 OOV, which have no
+    # raw id and map to 0 here; they are never recommended)
+    codes = values.index.to_numpy(np.int64)
+    table = np.zeros(int(codes.max()) + 1 if codes.size else 1, dtype=np.int64)
+    table[codes] = values.to_numpy(np.int64)
+    return table
 
 
 def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int | None = None,
