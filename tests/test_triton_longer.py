@@ -63,7 +63,7 @@ def test_triton_backend_cached_scores_equal_uncached():
     batch = make_batch([7, 20], [3, 2], seed=4)
     with torch.no_grad():
         cache = fast.encode_user(**history_args(batch))
-        cached = fast.score(cache, batch["cand_item_ids"], batch["cand_offsets"])
+        cached = fast.score_candidates(cache, batch["cand_item_ids"], batch["cand_offsets"])
         torch.testing.assert_close(cached, fast(**batch), rtol=0, atol=0)
         torch.testing.assert_close(cached, fast.forward_reference(**batch), rtol=1e-4, atol=1e-5)
 
