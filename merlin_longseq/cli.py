@@ -107,25 +107,17 @@ def _demo(args) -> int:
     return 0
 
 
-def _ranking(args) -> int:
-    from merlin_longseq.jobs import ranking
+def _job(args) -> int:
+    """ranking / next-item: the job's preset, edited by the flags, run into a new folder."""
+    import importlib
 
-    base = ranking.RankingJobConfig.quick() if args.quick else ranking.RankingJobConfig()
+    job = importlib.import_module(f"merlin_longseq.jobs.{args.job_module}")
+    config_cls = getattr(job, args.config_class)
+    base = config_cls.quick() if args.quick else config_cls()
     cfg = config_from_flags(base, args, args.config_fields)
-    run_dir = _run_dir(args, "ranking")
-    print(f"ranking job -> {run_dir}")
-    ranking.run(run_dir, cfg)
-    return 0
-
-
-def _next_item(args) -> int:
-    from merlin_longseq.jobs import next_item
-
-    base = next_item.NextItemJobConfig.quick() if args.quick else next_item.NextItemJobConfig()
-    cfg = config_from_flags(base, args, args.config_fields)
-    run_dir = _run_dir(args, "next-item")
-    print(f"next-item job -> {run_dir}")
-    next_item.run(run_dir, cfg)
+    run_dir = _run_dir(args, args.command)
+    print(f"{args.command} job -> {run_dir}")
+    job.run(run_dir, cfg)
     return 0
 
 
@@ -198,13 +190,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     from merlin_longseq.jobs.next_item import NextItemJobConfig
     from merlin_longseq.jobs.ranking import RankingJobConfig
 
-    for name, cls, handler, help_ in (("ranking", RankingJobConfig, _ranking, "the ranking job"),
-                                      ("next-item", NextItemJobConfig, _next_item, "the next-item job")):
-        job = sub.add_parser(name, help=help_)
+    for name, module, cls in (("ranking", "ranking", RankingJobConfig), ("next-item", "next_item", NextItemJobConfig)):
+        job = sub.add_parser(name, help=f"the {name} job")
         job.add_argument("--out", help="run folder (default runs/<job>-<time>)")
         job.add_argument("--quick", action="store_true", help="start from the tiny preset")
-        job.set_defaults(config_fields=add_config_flags(job, cls))
-        handlers[name] = handler
+        job.set_defaults(config_fields=add_config_flags(job, cls), job_module=module, config_class=cls.__name__)
+        handlers[name] = _job
 
     movielens = sub.add_parser("movielens", help="MovieLens tables (the job's own flags follow the table name)")
     movielens.add_argument("table", choices=["next-item", "ranking"])

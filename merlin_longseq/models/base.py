@@ -6,12 +6,33 @@ A ranking model subclasses RankingModel, implements encode_user / candidate_hidd
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from merlin_longseq.extrapolation import keep_recent
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.request import RequestLimits
+
+
+class NamedTasksConfig:
+    """The config half of the protocol for architectures whose heads are named tasks (`tasks`, a tuple)."""
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def uses_users(self) -> bool:
+        return self.num_users > 0
+
+    def headless(self):
+        """A copy with no task heads (the T4R tasks are the heads)."""
+        return dataclasses.replace(self, tasks=())
+
+    def with_tasks(self, names):
+        return dataclasses.replace(self, tasks=tuple(names))
 
 
 class RankingModel(nn.Module):

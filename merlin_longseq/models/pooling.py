@@ -11,7 +11,6 @@ it blurs which items the user met, which is what the attention models are measur
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +19,12 @@ from torch import nn
 from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
-from merlin_longseq.models.base import RankingModel
+from merlin_longseq.models.base import NamedTasksConfig, RankingModel
 from merlin_longseq.request import check_candidates, check_history
 
 
 @dataclass
-class MeanPoolConfig:
+class MeanPoolConfig(NamedTasksConfig):
     num_items: int  # item ids 1..num_items (history and candidates share one table); 0 = padding
     num_actions: int = 3  # action ids 1..num_actions; 0 = unknown
     num_users: int = 0  # > 0 adds a user-id token (ids 1..num_users, 0 = unknown)
@@ -53,19 +52,6 @@ class MeanPoolConfig:
         if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
             raise TypeError("length_sampler must be a BetaLengthSampler or None")
 
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def uses_users(self) -> bool:
-        return self.num_users > 0
-
-    def headless(self):
-        return dataclasses.replace(self, tasks=())
-
-    def with_tasks(self, names):
-        return dataclasses.replace(self, tasks=tuple(names))
 
 
 @dataclass

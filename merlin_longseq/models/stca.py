@@ -36,7 +36,6 @@ Length extrapolation: `length_sampler` (training only) keeps the most recent Bet
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +48,12 @@ from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
-from merlin_longseq.models.base import RankingModel
+from merlin_longseq.models.base import NamedTasksConfig, RankingModel
 from merlin_longseq.request import RequestBatch, check_candidates, check_history
 
 
 @dataclass
-class STCAConfig:
+class STCAConfig(NamedTasksConfig):
     num_items: int  # item ids 1..num_items (history and candidates share one table); 0 = padding
     num_actions: int = 3  # action ids 1..num_actions; 0 = unknown
     num_users: int = 0  # > 0 adds a user-id token (ids 1..num_users, 0 = unknown)
@@ -92,19 +91,6 @@ class STCAConfig:
             raise TypeError("length_sampler must be a BetaLengthSampler or None")
         Backend.parse(self.backend)
 
-    @property
-    def num_tasks(self) -> int:
-        return len(self.tasks)
-
-    @property
-    def uses_users(self) -> bool:
-        return self.num_users > 0
-
-    def headless(self) -> "STCAConfig":
-        return dataclasses.replace(self, tasks=())
-
-    def with_tasks(self, names) -> "STCAConfig":
-        return dataclasses.replace(self, tasks=tuple(names))
 
 
 @dataclass
