@@ -27,8 +27,9 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, replace
+
+from merlin_longseq.jobs import job_scope
 
 ARCHS = ("hstu", "sasrec", "xlnet")
 SPLIT_PREFIX = {"valid": "valid", "test": "test"}
@@ -246,14 +247,16 @@ def plot_summary(path: str, summary: list[dict], metrics: list[str], title: str)
 
 def run(run_dir: str, cfg: MovieLensJobConfig | None = None, log=print) -> dict:
     """ETL once, then every (arch, seed); writes movielens_next_item.json, report.md and a plot."""
+    cfg = cfg or MovieLensJobConfig()
+    with job_scope(cfg.torch_threads):
+        return _run(run_dir, cfg, log)
+
+
+def _run(run_dir: str, cfg: MovieLensJobConfig, log) -> dict:
     import merlin.io
-    import torch
 
     from merlin_longseq.workflows.movielens import run_leave_one_out_etl
 
-    cfg = cfg or MovieLensJobConfig()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(cfg.torch_threads)
     os.makedirs(run_dir, exist_ok=True)
     events, source = _prepare_events(cfg)
     log(f"[1/3] {len(events):,} ratings of {events['user_id'].nunique()} users, {events['item_id'].nunique()} "

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_events
+from merlin_longseq.jobs import job_scope
 
 
 @dataclass
@@ -113,13 +113,16 @@ def train_and_evaluate(paths, schema, arch: str, cfg: NextItemJobConfig, run_dir
 
 
 def run(run_dir: str, cfg: NextItemJobConfig | None = None, log=print) -> list[dict]:
+    with job_scope():
+        return _run(run_dir, cfg or NextItemJobConfig(), log)
+
+
+def _run(run_dir: str, cfg: NextItemJobConfig, log) -> list[dict]:
     import merlin.io
 
     from merlin_longseq.reporting import write_report
     from merlin_longseq.workflows.sequences import run_next_item_etl
 
-    cfg = cfg or NextItemJobConfig()
-    warnings.filterwarnings("ignore")
     os.makedirs(run_dir, exist_ok=True)
     log(f"[1/4] generating {cfg.data.num_users} synthetic users ({cfg.data.min_history}-{cfg.data.max_history} events)")
     events = generate_events(cfg.data)

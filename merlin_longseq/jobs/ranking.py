@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from merlin_longseq import registry
+from merlin_longseq.jobs import job_scope
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions
 from merlin_longseq.extrapolation import BetaLengthSampler
 
@@ -233,19 +234,10 @@ def run(run_dir: str, cfg: RankingJobConfig | None = None, log=print, models_out
     """
     if models_out is not None and not isinstance(models_out, dict):
         raise ValueError(f"models_out must be a dict (or None), got {type(models_out).__name__}")
-    import torch
-
     cfg = cfg or RankingJobConfig()
     os.makedirs(run_dir, exist_ok=True)
-    previous_threads = torch.get_num_threads()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # merlin / T4R / HF deprecation noise
-            if cfg.torch_threads:
-                torch.set_num_threads(cfg.torch_threads)
-            return _run(run_dir, cfg, log, models_out)
-    finally:
-        torch.set_num_threads(previous_threads)
+    with job_scope(cfg.torch_threads):
+        return _run(run_dir, cfg, log, models_out)
 
 
 def _run(run_dir: str, cfg: RankingJobConfig, log, models_out: dict | None = None) -> list[dict]:
