@@ -17,6 +17,7 @@ import torch
 
 from merlin_longseq.models.longer import LONGERConfig, LONGERModel
 from merlin_longseq.models.stca import STCAConfig, STCAModel
+from merlin_longseq.models.ultra_hstu import ULTRAHSTUConfig, ULTRAHSTUModel
 from merlin_longseq.request import RequestBatch
 from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 
@@ -39,6 +40,8 @@ def models(num_items: int, backend: str):
                                      backend=backend)),
         "longer": LONGERModel(LONGERConfig(num_items=num_items, num_users=10, token_dim=32, merge_size=4,
                                            n_heads=4, n_layers=2, num_recent_queries=100)),
+        "ultra-hstu": ULTRAHSTUModel(ULTRAHSTUConfig(num_items=num_items, num_users=10, d_model=64, n_heads=4,
+                                                     n_layers=2, max_seq_len=16_384, backend=backend)),
     }
 
 
@@ -69,7 +72,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}: one request, "
           f"history {args.history}, {args.candidates} candidates, {args.repeats} timed calls")
-    print(f"{'model':8s} {'cache':8s} {'p50 ms':>9s} {'p99 ms':>9s}")
+    print(f"{'model':11s} {'cache':8s} {'p50 ms':>9s} {'p99 ms':>9s}")
     for arch, model in models(args.num_items, args.backend).items():
         if args.arch and arch not in args.arch:
             continue
@@ -78,7 +81,7 @@ def main(argv=None) -> None:
         cached.score(request)  # fill the cache: the timed calls are hits
         for label, scorer, use_cache in (("none", plain, False), ("hit", cached, True)):
             ms = timed(lambda: scorer.score(request, use_cache=use_cache), args.repeats, args.warmup)
-            print(f"{arch:8s} {label:8s} {np.percentile(ms, 50):9.2f} {np.percentile(ms, 99):9.2f}")
+            print(f"{arch:11s} {label:8s} {np.percentile(ms, 50):9.2f} {np.percentile(ms, 99):9.2f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from merlin_longseq import registry
+
 pytestmark = pytest.mark.merlin
 pytest.importorskip("nvtabular")
 pytest.importorskip("merlin.systems")
@@ -119,7 +121,7 @@ def _requests(world, count=3):
     return raw_requests(world["events"], impressions, ids, MAX_HISTORY), encoded
 
 
-@pytest.mark.parametrize("name", ["readme", "stca", "longer", "mean-pool", "din"])
+@pytest.mark.parametrize("name", ["readme", *registry.names(registry.RANKING)])
 def test_served_ranking_scores_equal_the_trained_tr_model(world, name):
     from merlin_longseq.jobs.serve_demo import REQUEST_FEATURES, t4r_probabilities
     from merlin_longseq.serving.client import ScoringClient
@@ -135,8 +137,6 @@ def test_served_ranking_scores_equal_the_trained_tr_model(world, name):
 
 
 def test_every_registered_ranking_architecture_is_on_the_path(world):
-    from merlin_longseq import registry
-
     assert set(registry.names(registry.RANKING)) <= set(world["models"])
 
 

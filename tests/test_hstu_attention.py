@@ -270,3 +270,20 @@ def test_good_input_passes(good):
 def test_bad_input_raises_clear_error(good, change, message):
     with pytest.raises(JaggedInputError, match=message):
         call(good, **change(good))
+
+
+def test_reference_splits_long_batches_without_changing_the_result(monkeypatch):
+    """Past the padded-block budget the reference runs groups of sequences; the output must not change."""
+    from merlin_longseq.ops.pytorch import pt_hstu_attention as ref
+
+    torch.manual_seed(0)
+    lengths = [5, 30, 0, 17, 28]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, 2, 8) for _ in range(3))
+    timestamps = torch.randint(0, 1000, (n,)).sort().values
+    options = dict(timestamps=timestamps, pos_bias=torch.randn(2, 16), time_bias=torch.randn(2, 8),
+                   local_window=9, global_prefix=2, num_targets=torch.tensor([1, 3, 0, 0, 2]))
+    whole = ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options)
+    monkeypatch.setattr(ref, "_PADDED_SCORES_BUDGET", 2 * 30 * 30)  # one sequence per group
+    torch.testing.assert_close(ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options), whole)

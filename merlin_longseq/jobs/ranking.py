@@ -44,7 +44,7 @@ from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions
 from merlin_longseq.extrapolation import BetaLengthSampler
 
 ARCHS = registry.names(registry.RANKING)
-DEFAULT_ARCHS = ("stca", "mean-pool", "longer")  # the demo's comparison; din on request
+DEFAULT_ARCHS = ("stca", "ultra-hstu", "mean-pool", "longer")  # the demo's comparison; din on request
 WINDOW_AT = ("etl", "loader")
 
 
@@ -61,6 +61,7 @@ def _default_arch_options() -> dict:
         "stca": dict(d_model=32, n_heads=2, n_layers=2, mlp_dims=(64, 32)),
         "mean-pool": dict(d_model=32, mlp_dims=(64, 32)),
         "longer": dict(token_dim=8, merge_size=4, n_heads=2, n_layers=2, num_recent_queries=16, head_hidden=64),
+        "ultra-hstu": dict(d_model=32, n_heads=2, n_layers=2, max_seq_len=4096, mlp_dims=(64, 32)),
     }
 
 
@@ -127,6 +128,7 @@ class RankingJobConfig:
                 "mean-pool": dict(d_model=16, mlp_dims=(16,)),
                 "longer": dict(token_dim=4, merge_size=4, n_heads=2, n_layers=2, num_recent_queries=4,
                                head_hidden=16),
+                "ultra-hstu": dict(d_model=16, n_heads=2, n_layers=1, max_seq_len=128, mlp_dims=(16,)),
             })
         values.update(overrides)
         return cls(**values)

@@ -149,21 +149,30 @@ class HSTULayer(nn.Module):
         self.time_bias = nn.Parameter(0.02 * torch.randn(heads, cfg.num_time_buckets)) \
             if cfg.num_time_buckets else None
 
-    def forward(self, x, offsets, timestamps=None, num_targets=None):
+    def project(self, x):
+        """x [total, d] -> u [total, H * dv], q, k [total, H, dqk], v [total, H, dv] (f1 of the layer)."""
         cfg = self.cfg
         heads, dqk, dv = cfg.n_heads, cfg.attn_dim, cfg.hidden_dim
         u, v, q, k = torch.split(F.silu(self.uvqk(self.input_norm(x))),
                                  [heads * dv, heads * dv, heads * dqk, heads * dqk], dim=-1)
+        return u, q.reshape(-1, heads, dqk), k.reshape(-1, heads, dqk), v.reshape(-1, heads, dv)
+
+    def finish(self, x, av, u):
+        """Residual output Y = X + f2(LN(AV) * U) from the attention output av [total, H, dv]."""
+        y = self.attn_norm(av.reshape(av.shape[0], av.shape[1] * av.shape[2])) * u
+        return x + self.dropout(self.out_proj(y))
+
+    def forward(self, x, offsets, timestamps=None, num_targets=None):
+        cfg = self.cfg
+        u, q, k, v = self.project(x)
         av = hstu_attention(
-            q.reshape(-1, heads, dqk), k.reshape(-1, heads, dqk), v.reshape(-1, heads, dv),
-            offsets, cfg.max_seq_len, cfg.alpha,
+            q, k, v, offsets, cfg.max_seq_len, cfg.alpha,
             num_targets=num_targets, causal=cfg.causal, local_window=cfg.local_window,
             global_prefix=cfg.global_prefix, timestamps=timestamps, pos_bias=self.pos_bias,
             time_bias=self.time_bias if timestamps is not None else None,
             backend=cfg.backend, check_inputs=False,
         )  # [total, H, dv]
-        y = self.attn_norm(av.reshape(-1, heads * dv)) * u
-        return x + self.dropout(self.out_proj(y))
+        return self.finish(x, av, u)
 
 
 def _select_tokens(offsets, keep):

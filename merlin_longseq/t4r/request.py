@@ -604,7 +604,8 @@ def request_dataloader(paths_or_dataset, batch_size: int, label_columns: Sequenc
                              shuffle=shuffle, drop_last=drop_last, transform=transform, **loader_kwargs)
 
 
-STCABlock, LONGERBlock, MeanPoolBlock, DINBlock = (BLOCKS[a] for a in ("stca", "longer", "mean-pool", "din"))
+STCABlock, LONGERBlock, MeanPoolBlock, DINBlock, ULTRAHSTUBlock = (
+    BLOCKS[a] for a in ("stca", "longer", "mean-pool", "din", "ultra-hstu"))
 
 __all__ = [
     "BLOCKS",
@@ -616,6 +617,7 @@ __all__ = [
     "RequestDataLoader",
     "RequestBlock",
     "STCABlock",
+    "ULTRAHSTUBlock",
     "block_for",
     "columns_and_sizes",
     "find_request_block",

@@ -24,6 +24,10 @@ from merlin_longseq.buckets import bit_length
 from merlin_longseq.jagged import jagged_to_padded, lengths_from_offsets, padded_to_jagged
 
 
+# elements of the padded [B, H, S, S] score block above which the reference splits the batch (about 256 MiB fp32)
+_PADDED_SCORES_BUDGET = 1 << 26
+
+
 def hstu_position_buckets(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return distance.abs().clamp(max=num_buckets - 1)
 
@@ -112,6 +116,22 @@ def pytorch_hstu_attention(
     batch_max = int(lengths.max()) if lengths.numel() else 0
     if q.shape[0] == 0 or batch_max == 0:
         return v * 0  # empty, but still in the autograd graph so a loss over it can backpropagate
+    batch = lengths.numel()
+    if batch > 1 and batch * q.shape[1] * batch_max * batch_max > _PADDED_SCORES_BUDGET:
+        # long sequences: the padded [B, H, S, S] block would take gigabytes; the same computation per group
+        # of sequences keeps it bounded (each sequence's output depends on that sequence only)
+        per_group = max(1, _PADDED_SCORES_BUDGET // (q.shape[1] * batch_max * batch_max))
+        outs = []
+        for start in range(0, batch, per_group):
+            stop = min(batch, start + per_group)
+            lo, hi = int(offsets[start]), int(offsets[stop])
+            part = lambda t: None if t is None else t[lo:hi]  # noqa: E731
+            outs.append(pytorch_hstu_attention(
+                q[lo:hi], k[lo:hi], v[lo:hi], offsets[start:stop + 1] - lo, max_seq_len, alpha,
+                num_targets=None if num_targets is None else num_targets[start:stop], causal=causal,
+                local_window=local_window, global_prefix=global_prefix, timestamps=part(timestamps),
+                pos_bias=pos_bias, time_bias=time_bias))
+        return torch.cat(outs)
     qp = jagged_to_padded(q, offsets, batch_max)  # [B, S, H, D]
     kp = jagged_to_padded(k, offsets, batch_max)
     vp = jagged_to_padded(v, offsets, batch_max)
