@@ -18,9 +18,10 @@ def serve_command(args) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
-                          metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout, log_file=args.log_file)
     try:
+        server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
+                              metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout,
+                              log_file=args.log_file)
         server.start(timeout_s=args.start_timeout, progress=True)
     except ServerError as err:
         print(f"merlin-longseq serve: {err}", file=sys.stderr)

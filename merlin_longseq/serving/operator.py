@@ -16,6 +16,8 @@ read with weights_only=True; on CUDA when the server sees a GPU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 
@@ -45,14 +47,45 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(artifact_path: str) -> torch.nn.Module:
-    """The served model from an artifact folder: JSON description + state dict (weights_only)."""
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_artifacts(artifact_path: str, checksums: dict) -> None:
+    """Every artifact file exists and has the checksum recorded at export; ValueError naming the file if not."""
+    for name, expected in checksums.items():
+        path = os.path.join(artifact_path, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the repository is incomplete; export it again")
+        with open(path, "rb") as f:
+            if _sha256(f.read()) != expected:
+                raise ValueError(f"{path} does not match the checksum recorded at export (damaged or replaced); "
+                                 "export the model again")
+
+
+def load_model(artifact_path: str, checksums: dict | None = None) -> torch.nn.Module:
+    """The served model from an artifact folder: JSON description + state dict (weights_only, strict, finite).
+
+    checksums: {file name: sha256} recorded at export; every file is verified before it is read.
+    """
+    if checksums:
+        verify_artifacts(artifact_path, checksums)
     with open(os.path.join(artifact_path, CONFIG_FILE), encoding="utf-8") as f:
         description = json.load(f)
     model = registry.model_from_dict(description)
-    state = torch.load(os.path.join(artifact_path, WEIGHTS_FILE), map_location="cpu", weights_only=True)
+    weights = os.path.join(artifact_path, WEIGHTS_FILE)
+    state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
+    bad = [name for name, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:
+        raise ValueError(f"{weights} holds non-finite values (NaN / inf) in {bad[:5]}: refusing to serve it")
     return model.eval()
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
 
 
 class PredictLongSeq(BaseOperator):
@@ -96,6 +129,15 @@ class PredictLongSeq(BaseOperator):
         self._weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self._vocabulary = None if item_vocabulary is None else np.asarray(item_vocabulary)
         self._scorer = None
+        # the artifact files' bytes are fixed here, so their checksums travel in the pickled recipe and the
+        # server can tell a damaged or replaced file from the one exported
+        self._files = {CONFIG_FILE: json.dumps(self._description, indent=2).encode(),
+                       WEIGHTS_FILE: _torch_bytes(self._weights)}
+        if self._vocabulary is not None:
+            buffer = io.BytesIO()
+            np.save(buffer, self._vocabulary, allow_pickle=False)
+            self._files[VOCABULARY_FILE] = buffer.getvalue()
+        self.checksums = {name: _sha256(data) for name, data in self._files.items()}
 
     # ---- schema -----------------------------------------------------------------------------------------
     @property
@@ -126,15 +168,13 @@ class PredictLongSeq(BaseOperator):
     def save_artifacts(self, artifact_path=None):
         if not artifact_path:
             return
-        with open(os.path.join(artifact_path, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(self._description, f, indent=2)
-        torch.save(self._weights, os.path.join(artifact_path, WEIGHTS_FILE))
-        if self._vocabulary is not None:
-            np.save(os.path.join(artifact_path, VOCABULARY_FILE), self._vocabulary, allow_pickle=False)
+        for name, data in self._files.items():
+            with open(os.path.join(artifact_path, name), "wb") as f:
+                f.write(data)
 
     def load_artifacts(self, artifact_path=None):
         if self._weights is None:
-            model = load_model(artifact_path)
+            model = load_model(artifact_path, self.checksums)
             vocabulary_path = os.path.join(artifact_path, VOCABULARY_FILE)
             if os.path.exists(vocabulary_path):
                 self._vocabulary = np.load(vocabulary_path, allow_pickle=False)
@@ -145,7 +185,8 @@ class PredictLongSeq(BaseOperator):
 
     def __getstate__(self):
         # the ensemble pickle holds the recipe only; the model travels in the artifact files
-        return {k: (None if k in ("_weights", "_scorer", "_vocabulary") else v) for k, v in self.__dict__.items()}
+        return {k: (None if k in ("_weights", "_scorer", "_vocabulary", "_files") else v)
+                for k, v in self.__dict__.items()}
 
     def _build(self, model):
         cache = UserStateCache(self.cache_entries, self.cache_bytes) if self.cache_entries > 0 else None
@@ -164,6 +205,8 @@ class PredictLongSeq(BaseOperator):
         table = transformable if isinstance(transformable, TensorTable) else TensorTable.from_df(transformable)
         batch = RequestBatch.from_arrays(**self._arrays(table))
         logits = self.scorer.score(batch).numpy().astype(np.float32)  # [C, tasks]
+        if not np.isfinite(logits).all():  # never send a NaN score to a client as if it were one
+            raise RuntimeError(f"the {self.arch} model produced non-finite scores for this batch")
         offsets = batch.cand_offsets.numpy().astype(np.int32)
         out = {name: (np.ascontiguousarray(logits[:, t]), offsets)
                for t, name in enumerate(self.output_names[:len(self.task_names)])}
@@ -208,4 +251,4 @@ class PredictLongSeq(BaseOperator):
                 "columns": dataclasses.asdict(self.columns), "max_history": self.limits.max_history,
                 "max_candidates": self.limits.max_candidates, "top_k": self.top_k,
                 "exclude_history": self.exclude_history, "unknown_item_ids": list(self.limits.unknown_item_ids),
-                "device": self.device, "cache_entries": self.cache_entries}
+                "device": self.device, "cache_entries": self.cache_entries, "checksums": dict(self.checksums)}

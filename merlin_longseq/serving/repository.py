@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import tempfile
 from typing import Sequence
 
@@ -207,31 +208,70 @@ def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int 
     unknown = CATEGORIFY_UNKNOWN_IDS if (workflow is not None and check_unknown_items) else ()
     limits = serving_limits(model, max_history, unknown, max_candidates=max_candidates)
     vocabulary = item_vocabulary(workflow, item_column) if (top_k and workflow is not None) else None
-    os.makedirs(repo_dir, exist_ok=True)
     predict = PredictLongSeq(model, limits, task_names=task_names, columns=columns, device=device,
                              cache_entries=cache_entries, cache_bytes=cache_bytes, top_k=top_k,
                              exclude_history=exclude_history, item_vocabulary=vocabulary)
-    with tempfile.TemporaryDirectory() as scratch:  # Workflow.save copies the vocabulary into the repo
-        if workflow is not None:
-            flow = serving_workflow(workflow, columns=columns, item_column=item_column, out_path=scratch)
-            graph = flow.input_schema.column_names >> TransformWorkflow(flow) >> predict
-            input_schema = flow.input_schema
-        else:
-            input_schema = _raw_input_schema(columns)
-            graph = input_schema.column_names >> predict
-        ensemble = Ensemble(graph, input_schema)
-        ensemble.export(repo_dir, name=name, runtime=_named_runtime(name))
-    manifest = {
-        "model_name": name,
-        "inputs": {"lists": columns.lists, "scalars": columns.scalars},
-        **predict.describe(),
-    }
-    path = os.path.join(repo_dir, MANIFEST)
-    everything = read_manifest(repo_dir) if os.path.exists(path) else {"models": {}}
-    everything["models"][name] = manifest
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(everything, f, indent=2)
+    final = os.path.abspath(repo_dir)
+    os.makedirs(os.path.dirname(final), exist_ok=True)
+    # written whole into a staging folder beside the repository, then swapped in: a killed export leaves the
+    # previous release as it was and nothing partial under the repository's name
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.export-", dir=os.path.dirname(final))
+    try:
+        if os.path.isdir(final):  # other models of the repository stay
+            shutil.copytree(final, staging, dirs_exist_ok=True, symlinks=True)
+        with tempfile.TemporaryDirectory() as scratch:  # Workflow.save copies the vocabulary into the repo
+            if workflow is not None:
+                flow = serving_workflow(workflow, columns=columns, item_column=item_column, out_path=scratch)
+                graph = flow.input_schema.column_names >> TransformWorkflow(flow) >> predict
+                input_schema = flow.input_schema
+            else:
+                input_schema = _raw_input_schema(columns)
+                graph = input_schema.column_names >> predict
+            ensemble = Ensemble(graph, input_schema)
+            ensemble.export(staging, name=name, runtime=_named_runtime(name))
+        manifest = {
+            "model_name": name,
+            "inputs": {"lists": columns.lists, "scalars": columns.scalars},
+            **predict.describe(),
+        }
+        path = os.path.join(staging, MANIFEST)
+        everything = read_manifest(staging) if os.path.exists(path) else {"models": {}}
+        everything["models"][name] = manifest
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(everything, f, indent=2)
+        _swap_in(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # after a swap: the previous release
     return manifest
+
+
+_RENAME_EXCHANGE = 2  # renameat2 flag: swap two paths atomically (Linux >= 3.15)
+
+
+def _swap_in(staging: str, final: str) -> None:
+    """Put the staged repository at `final`; the old one ends up at `staging` (the caller removes it).
+
+    With an existing repository the two folders are exchanged in one atomic renameat2 call where the kernel
+    offers it, so `final` always holds one complete release; elsewhere two renames leave a short window in
+    which `final` is missing (never half-written).
+    """
+    if not os.path.exists(final):
+        os.rename(staging, final)
+        os.makedirs(staging)  # the caller's cleanup expects the folder
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd = -100
+        if libc.renameat2(at_fdcwd, staging.encode(), at_fdcwd, final.encode(), _RENAME_EXCHANGE) == 0:
+            return
+    except (AttributeError, OSError):
+        pass
+    previous = f"{staging}.previous"
+    os.rename(final, previous)
+    os.rename(staging, final)
+    os.rename(previous, staging)
 
 
 def _raw_input_schema(columns: RequestColumns):

@@ -101,6 +101,14 @@ class TritonServer:
                  verbose: int = 0):
         if not os.path.isdir(repo_dir):
             raise ServerError(f"model repository {repo_dir} does not exist")
+        models = [d for d in sorted(os.listdir(repo_dir))
+                  if os.path.isfile(os.path.join(repo_dir, d, "config.pbtxt"))]
+        if not models:
+            raise ServerError(f"model repository {repo_dir} holds no model (no <model>/config.pbtxt); write one "
+                              "with merlin_longseq.serving.export")
+        for name, port in (("http_port", http_port), ("grpc_port", grpc_port), ("metrics_port", metrics_port)):
+            if port is not None and not 1 <= int(port) <= 65535:
+                raise ServerError(f"{name} must lie in [1, 65535], got {port}")
         self.repo_dir = os.path.abspath(repo_dir)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
