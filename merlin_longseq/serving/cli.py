@@ -21,7 +21,7 @@ def serve_command(args) -> int:
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout,
-                              log_file=args.log_file)
+                              log_file=args.log_file, open_admin_apis=args.open_admin_apis)
         server.start(timeout_s=args.start_timeout, progress=True)
     except ServerError as err:
         print(f"merlin-longseq serve: {err}", file=sys.stderr)
@@ -90,6 +90,9 @@ def add_serving_commands(sub) -> dict:
     serve.add_argument("--exit-timeout", type=int, default=30, help="seconds in-flight requests get at shutdown")
     serve.add_argument("--start-timeout", type=float, default=180, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="server log (default: kept in a temporary file)")
+    serve.add_argument("--open-admin-apis", action="store_true",
+                       help="let any client use the shared-memory, repository, model-config, trace and logging APIs "
+                            "(default: only requests with this run's admin header, which no client is given)")
     query = sub.add_parser("query", help="score one request against a running server")
     query.add_argument("url", help="host:port of the server (its HTTP or gRPC port, see --protocol)")
     query.add_argument("--protocol", choices=["http", "grpc"], default="http")

@@ -13,6 +13,8 @@ exit_timeout_s), unloads the models and exits.
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +25,11 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+
+ADMIN_HEADER = "merlin-longseq-admin"
+ADMIN_APIS = ("shared-memory", "model-repository", "model-config", "trace", "logging")
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
 class ServerError(RuntimeError):
@@ -98,7 +105,7 @@ class TritonServer:
 
     def __init__(self, repo_dir: str, *, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, exit_timeout_s: int = 30, log_file: str | None = None,
-                 verbose: int = 0):
+                 verbose: int = 0, open_admin_apis: bool = False):
         if not os.path.isdir(repo_dir):
             raise ServerError(f"model repository {repo_dir} does not exist")
         models = [d for d in sorted(os.listdir(repo_dir))
@@ -110,6 +117,11 @@ class TritonServer:
             if port is not None and not 1 <= int(port) <= 65535:
                 raise ServerError(f"{name} must lie in [1, 65535], got {port}")
         self.repo_dir = os.path.abspath(repo_dir)
+        # shared memory, repository control, model config, trace and logging answer only requests carrying
+        # admin_header (any local process could otherwise register the python backend's own shared memory and
+        # crash the server): open_admin_apis=True lifts that
+        self.open_admin_apis = bool(open_admin_apis)
+        self.admin_header = {ADMIN_HEADER: secrets.token_hex(16)}
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -128,9 +140,14 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def command(self, backend_dir: str) -> list[str]:
+    def command(self, backend_dir: str, repo_dir: str | None = None) -> list[str]:
+        restricted = []
+        if not self.open_admin_apis:
+            rule = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={self.admin_header[ADMIN_HEADER]}"
+            restricted = [f"--http-restricted-api={rule}", f"--grpc-restricted-protocol={rule}"]
         return [
-            find_tritonserver(), f"--model-repository={self.repo_dir}", f"--backend-directory={backend_dir}",
+            find_tritonserver(), f"--model-repository={repo_dir or self.repo_dir}", f"--backend-directory={backend_dir}",
+            *restricted,
             "--http-address=127.0.0.1", f"--http-port={self.http_port}",
             "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
@@ -141,10 +158,16 @@ class TritonServer:
 
     def start(self, timeout_s: float = 120, progress: bool = False) -> "TritonServer":
         backend_dir = self._backend_dir = prepare_backend_dir()
+        # Triton's python backend starts its stubs through a shell with the model path unquoted: a repository
+        # path with shell characters would run them. Serve such a path through a link of plain characters.
+        served = self.repo_dir
+        if not _SAFE_PATH.fullmatch(served):
+            served = os.path.join(backend_dir, "repository")
+            os.symlink(self.repo_dir, served)
         # "a+b": appended to, and readable for log_tail (an "ab" file made every failed start end in
         # io.UnsupportedOperation instead of the server's own message)
         self._log = open(self.log_file, "a+b") if self.log_file else tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.command(backend_dir), env=server_environment(), stdout=self._log,
+        self.process = subprocess.Popen(self.command(backend_dir, served), env=server_environment(), stdout=self._log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
                                         preexec_fn=_term_when_parent_dies)
         self.wait_ready(timeout_s, progress=progress)
