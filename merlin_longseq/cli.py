@@ -72,6 +72,19 @@ def _run_dir(args, prefix: str) -> str:
     return run_dir
 
 
+COMPLETE_MARKER = "COMPLETE.json"
+
+
+def _mark_complete(run_dir: str, args) -> None:
+    """Written last: a run folder without it was interrupted (its reports may be partial)."""
+    import json
+
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, COMPLETE_MARKER), "w", encoding="utf-8") as f:
+        json.dump({"command": args.command, "argv": sys.argv[1:],
+                   "finished": datetime.datetime.now().isoformat(timespec="seconds")}, f, indent=2)
+
+
 # ---- commands ---------------------------------------------------------------------------------------------------
 def _demo(args) -> int:
     from merlin_longseq import registry
@@ -105,6 +118,7 @@ def _demo(args) -> int:
             print("== part 3: export, serve (real Triton server on 127.0.0.1) and query the ranking models ==")
             serve_demo.run(os.path.join(run_dir, "serving"), cfg, models,
                            os.path.join(run_dir, "ranking", "etl", "workflow"))
+    _mark_complete(run_dir, args)
     print(f"reports under {run_dir}/")
     return 0
 
@@ -120,6 +134,7 @@ def _job(args) -> int:
     run_dir = _run_dir(args, args.command)
     print(f"{args.command} job -> {run_dir}")
     job.run(run_dir, cfg)
+    _mark_complete(run_dir, args)
     return 0
 
 

@@ -89,6 +89,9 @@ class RequestLimits:
     max_candidates: int | None = None
     min_candidates: int = 1  # 0: a request may send no candidates (next-item top-k ranks the catalogue)
     unknown_item_ids: tuple[int, ...] = ()  # ids meaning "not in the vocabulary" (Categorify: 1 null, 2 OOV)
+    # an unknown item in a history is read as the out-of-vocabulary id (the catalogue moves on; one new item must
+    # not fail an active user's request); True refuses it like an unknown candidate
+    refuse_unknown_history: bool = False
     needs_actions: bool = False
     needs_timestamps: bool = False
     needs_request_time: bool = False
@@ -437,7 +440,7 @@ def validate_request(batch: RequestBatch, limits: RequestLimits) -> None:
         if values.numel() == 0:
             continue
         bad = values < limits.min_item_id
-        if limits.unknown_item_ids:
+        if limits.unknown_item_ids and (name == "cand_item_ids" or limits.refuse_unknown_history):
             bad = bad | torch.isin(values, torch.tensor(limits.unknown_item_ids, dtype=values.dtype,
                                                         device=values.device))
         if bool(bad.any()):

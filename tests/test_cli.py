@@ -64,8 +64,7 @@ def test_job_flags_come_from_the_job_config(monkeypatch, tmp_path):
     assert run_dir == str(out) and cfg.epochs == 2 and cfg.archs == ("stca", "din")
     assert cfg.eval_lengths == (8, 16) and cfg.progress is False
     assert cfg.batch_size == ranking.RankingJobConfig.quick().batch_size  # untouched fields keep the preset
-    out.mkdir()
-    (out / "report.md").write_text("an earlier run")
+    assert (out / "COMPLETE.json").exists()  # written last: its absence marks an interrupted run
     with pytest.raises(SystemExit, match="not empty"):  # never appends to another run's folder
         cli.main(["ranking", "--quick", "--out", str(out)])
 

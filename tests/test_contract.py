@@ -216,3 +216,25 @@ def test_t4r_model_save_load_round_trip(arch, tmp_path):
         after = loaded(inputs())
     assert type(loaded.heads[0].body).__name__ == spec.block
     torch.testing.assert_close(after, before)
+
+
+def test_unknown_history_items_read_as_out_of_vocabulary_unknown_candidates_refused():
+    """A new item in a history must not fail an active user's request; an unknown candidate cannot be scored."""
+    import dataclasses
+
+    model = ranking_model("stca")
+    limits = dataclasses.replace(model.limits, unknown_item_ids=(1, 2))
+    batch = requests()
+    batch = dataclasses.replace(batch, hist_item_ids=batch.hist_item_ids.clamp(min=3),
+                                cand_item_ids=batch.cand_item_ids.clamp(min=3))
+    validate_request(batch, limits)
+    history = batch.hist_item_ids.clone()
+    history[0] = 2  # Categorify's out-of-vocabulary id
+    validate_request(dataclasses.replace(batch, hist_item_ids=history), limits)
+    with pytest.raises(RequestError, match="not in the model's vocabulary"):
+        validate_request(dataclasses.replace(batch, hist_item_ids=history),
+                         dataclasses.replace(limits, refuse_unknown_history=True))
+    candidates = batch.cand_item_ids.clone()
+    candidates[3] = 1
+    with pytest.raises(RequestError, match=r"request 1: cand_item_ids\[0\] = 1 is not in the model's vocabulary"):
+        validate_request(dataclasses.replace(batch, cand_item_ids=candidates), limits)
