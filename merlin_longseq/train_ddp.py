@@ -401,8 +401,17 @@ def _sync(device: torch.device) -> None:
 
 
 def train(args, info: DistInfo | None = None, log=print) -> dict:
-    """Run the training described by the parsed arguments; returns the summary (on every rank)."""
+    """Run the training described by the parsed arguments; returns the summary (on every rank). Torch's thread
+    count is changed for the run only (restored on return)."""
     info = info or init_distributed(args.device)
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(args, info, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(args, info: DistInfo, log) -> dict:
     device = info.device
     if device.type == "cpu":
         # N processes with the default intra-op threads each oversubscribe the cores (measured on 2 shared
