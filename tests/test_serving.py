@@ -235,9 +235,13 @@ def test_bad_requests_get_clear_errors(world, protocol):
     good = raw_request(world, 0)
     expected = reference_logits(world, "stca", 0)[:, 0]
     with ScoringClient(world[protocol], protocol=protocol, model_name="stca") as client:
-        def fails(match, **features):
-            with pytest.raises(ScoringError, match=match):
+        def fails(match, client_error=True, **features):
+            with pytest.raises(ScoringError, match=match) as refused:
                 client.score(strict_types=False, **features)
+            # a client mistake: a client-error status and the reason, never a traceback or a server path
+            assert "Traceback" not in str(refused.value) and "site-packages" not in str(refused.value)
+            if client_error:
+                assert refused.value.status in ("400", "StatusCode.INVALID_ARGUMENT"), refused.value.status
             # ... and the next good request is still answered correctly
             np.testing.assert_allclose(client.score(**good)["score_click"], expected, atol=1e-5)
 

@@ -23,7 +23,12 @@ _NUMPY_OF = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "FP64": n
 
 
 class ScoringError(RuntimeError):
-    """The server refused or failed the request; the message is the server's."""
+    """The server refused or failed the request; the message is the server's, `status` its status (HTTP code
+    such as "400", or a gRPC status such as "StatusCode.INVALID_ARGUMENT")."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class ScoringClient:
@@ -97,7 +102,7 @@ class ScoringClient:
         try:
             result = self._client.infer(self.model_name, list(inputs), outputs=outputs)
         except self._exception_type() as err:
-            raise ScoringError(str(err)) from None
+            raise ScoringError(str(err), status=err.status()) from None
         return {c: result.as_numpy(f"{c}__values") for c in self.output_columns}
 
     def _exception_type(self):

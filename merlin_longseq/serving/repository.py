@@ -229,6 +229,9 @@ def export(repo_dir: str, workflow, model: torch.nn.Module, *, max_history: int 
                 graph = input_schema.column_names >> predict
             ensemble = Ensemble(graph, input_schema)
             ensemble.export(staging, name=name, runtime=_named_runtime(name))
+        # our executor: client mistakes answered as INVALID_ARG with the validator's message, no tracebacks
+        shutil.copyfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "executor_model.py"),
+                        os.path.join(staging, name, "1", "model.py"))
         manifest = {
             "model_name": name,
             "inputs": {"lists": columns.lists, "scalars": columns.scalars},
