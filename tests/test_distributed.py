@@ -232,6 +232,7 @@ def _ddp_worker(rank, world, port, out_dir, archs):
             torch.save(dict(rows=rows, count=count, backend=info.backend, state=model.state_dict(),
                             grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}),
                        os.path.join(out_dir, f"{arch}_{rank}.pt"))
+        torch.distributed.barrier()  # both ranks done with every collective before either tears gloo down
     finally:
         destroy_distributed()
 
@@ -239,7 +240,12 @@ def _ddp_worker(rank, world, port, out_dir, archs):
 @pytest.fixture(scope="module")
 def ddp_step(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), ARCHS), nprocs=2, join=True)
+    try:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), ARCHS), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        # a rank killed by a signal (seen once in ~10 full runs on a loaded 2-core machine: gloo's std::terminate
+        # at teardown) says nothing about the gradients: run the two ranks once more on a fresh port
+        mp.spawn(_ddp_worker, args=(2, _free_port(), str(out), ARCHS), nprocs=2, join=True)
     return out
 
 
