@@ -491,3 +491,26 @@ def test_partitions_shuffled_by_request_give_the_same_rows(synthetic, tmp_path):
     split = Dataset(impressions, npartitions=3).shuffle_by_keys(["request_id"])
     got = as_python(flow.transform(split).to_ddf().compute())
     assert got == expected
+
+
+def test_float_times_and_ids_beyond_int64_are_refused():
+    """A float time could move an event across its request time; a uint64 id above int64 would wrap negative."""
+    import numpy as np
+    import pandas as pd
+    from merlin.dag import ColumnSelector
+
+    events = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [5, 6, 7], "timestamp": [10, 20, 30]})
+    impressions = pd.DataFrame({"user_id": [1, 2], "request_id": [10, 11], "request_time": [50, 60],
+                                "item_id": [5, 7], "click": [1, 0]})
+    op = RequestGrouping(events, label_columns=["click"], max_history=8)
+    columns = ColumnSelector(list(impressions.columns))
+    with pytest.raises(TypeError, match="never floats"):
+        op.transform(columns, impressions.assign(request_time=impressions["request_time"].astype(float)))
+    with pytest.raises(TypeError, match="never floats"):
+        RequestGrouping(events.assign(timestamp=events["timestamp"].astype(float)), label_columns=["click"],
+                        max_history=8)
+    huge = impressions.assign(item_id=np.array([5, 2 ** 63 + 5], dtype=np.uint64))
+    with pytest.raises(ValueError, match="above the int64 maximum"):
+        op.transform(columns, huge)
+    fine = op.transform(columns, impressions.assign(item_id=impressions["item_id"].astype(np.uint64)))
+    assert fine["cand_item_id"].tolist() == [[5], [7]]

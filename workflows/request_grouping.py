@@ -145,6 +145,9 @@ class RequestGrouping(Operator):
 
         frame, self.events_schema = _read_events(events)
         self._datetime_times = _is_datetime(frame[timestamp_col]) if timestamp_col in frame.columns else False
+        if timestamp_col in frame.columns and not (_is_integer(frame[timestamp_col]) or self._datetime_times):
+            raise TypeError(f"the events' '{timestamp_col}' is {frame[timestamp_col].dtype}: event times must be "
+                            "integers in one unit or datetime64, never floats")
         base = [user_col, item_col, timestamp_col]
         _require_columns(frame.columns, base + list(event_features or []), "events")
         if event_features is None:
@@ -260,6 +263,11 @@ class RequestGrouping(Operator):
         _require_columns(df.columns, candidate_features, "the impressions")
         used = [*self.required_columns, *candidate_features]
         _check_no_nulls(df, used, "impressions")
+        request_time = df[self.request_time_col]
+        if not (_is_integer(request_time) or _is_datetime(request_time)):
+            raise TypeError(f"'{self.request_time_col}' is {request_time.dtype}: request and event times must be "
+                            "integers in one unit (e.g. int64 seconds) or datetime64, never floats (a rounded "
+                            "float time can move an event across the request time)")
         if _is_datetime(df[self.request_time_col]) != self._datetime_times:
             event_kind = "datetime64" if self._datetime_times else "integer"
             raise TypeError(f"'{self.request_time_col}' is {df[self.request_time_col].dtype} but the events' "
@@ -485,8 +493,15 @@ def _both_integer(a, b) -> bool:
 
 
 def _as_int64_if_integer(series):
-    """Integer and datetime64 columns become int64 (the contract); others (e.g. string ids) stay as they are."""
-    if md.dtype(series.dtype).element_type in (ElementType.Int, ElementType.UInt, ElementType.DateTime):
+    """Integer and datetime64 columns become int64 (the contract); others (e.g. string ids) stay as they are.
+
+    Unsigned values above the int64 maximum would wrap to negative ids: refused.
+    """
+    element = md.dtype(series.dtype).element_type
+    if element is ElementType.UInt and len(series) and int(series.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"column '{series.name}' holds ids above the int64 maximum ({int(series.max())}); the "
+                         "request contract's ids are int64: re-map them first (e.g. Categorify or a hash)")
+    if element in (ElementType.Int, ElementType.UInt, ElementType.DateTime):
         return series.astype("int64")
     return series
 
