@@ -42,10 +42,6 @@ class Architecture:
     def model_class(self):
         return getattr(importlib.import_module(self.module), self.model)
 
-    def build(self, **config_fields):
-        """A model of this architecture from config fields."""
-        return self.model_class(self.config_class(**config_fields))
-
 
 _ENTRIES = (
     Architecture("stca", RANKING, "merlin_longseq.models.stca", "STCAConfig", "STCAModel", "STCABlock",

@@ -126,6 +126,13 @@ def _int_tensor(name: str, value, dims: int = 1) -> torch.Tensor | None:
     return tensor.to(torch.int64)
 
 
+def _flat(value):
+    """A per-request scalar column ([R], [R, 1] or a scalar) as 1-D, None kept."""
+    if value is None:
+        return None
+    return value.reshape(-1) if isinstance(value, torch.Tensor) else np.asarray(value).reshape(-1)
+
+
 @dataclass
 class RequestBatch:
     """R requests, jagged (see the module docstring). Build one with from_arrays, from_padded or select."""
@@ -146,8 +153,7 @@ class RequestBatch:
     def __post_init__(self):
         self.label_names = tuple(self.label_names)
         for name in ("max_history_len", "max_candidates"):
-            # read from host offsets only: on a device it would cost a sync per batch (callers that know the
-            # maxima pass them; kernels fall back to reading them when None)
+            # read from host offsets only: on a device it would cost a sync per batch (None: not known)
             if getattr(self, name) is None and self.hist_offsets.device.type == "cpu":
                 offsets = self.hist_offsets if name == "max_history_len" else self.cand_offsets
                 lengths = lengths_from_offsets(offsets) if offsets.numel() > 1 else offsets.new_zeros(1)
@@ -157,10 +163,6 @@ class RequestBatch:
     @property
     def num_requests(self) -> int:
         return self.hist_offsets.numel() - 1
-
-    @property
-    def device(self) -> torch.device:
-        return self.hist_item_ids.device
 
     @property
     def history_lengths(self) -> torch.Tensor:
@@ -200,13 +202,8 @@ class RequestBatch:
                    cand_offsets=_int_tensor("cand_offsets", cand_offsets),
                    hist_actions=_int_tensor("hist_actions", hist_actions),
                    hist_timestamps=_int_tensor("hist_timestamps", hist_timestamps),
-                   request_time=_int_tensor("request_time", None if request_time is None
-                                            else np.asarray(request_time).reshape(-1)
-                                            if not isinstance(request_time, torch.Tensor)
-                                            else request_time.reshape(-1)),
-                   user_ids=_int_tensor("user_ids", None if user_ids is None
-                                        else np.asarray(user_ids).reshape(-1)
-                                        if not isinstance(user_ids, torch.Tensor) else user_ids.reshape(-1)),
+                   request_time=_int_tensor("request_time", _flat(request_time)),
+                   user_ids=_int_tensor("user_ids", _flat(user_ids)),
                    labels=labels_t, label_names=tuple(label_names))
 
     @classmethod
@@ -275,8 +272,7 @@ class RequestBatch:
                    hist_actions=aligned(columns.hist_action) if columns.hist_action else None,
                    hist_timestamps=aligned(columns.hist_timestamp) if columns.hist_timestamp else None,
                    request_time=scalar(columns.request_time), user_ids=scalar(columns.user_id),
-                   labels=labels, label_names=names, max_history_len=int(hist_lengths.max()) if hist.shape[0] else 0,
-                   max_candidates=int(cand_lengths.max()) if cand.shape[0] else 0)
+                   labels=labels, label_names=names)  # maxima: read by __post_init__ on the host only
 
     # ---- views -------------------------------------------------------------------------------------------
     def select(self, rows) -> "RequestBatch":

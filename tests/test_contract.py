@@ -17,21 +17,15 @@ import torch
 from merlin_longseq import registry
 from merlin_longseq.request import RequestBatch, RequestError, validate_request
 from merlin_longseq.serving.scoring import UserStateCache, make_scorer
+from request_factory import random_requests
 
 NUM_ITEMS, NUM_USERS, NUM_ACTIONS = 40, 6, 3
 RANKING = registry.names(registry.RANKING)
 
 
 def requests(lengths=(7, 0, 12, 3), candidates=(3, 2, 4, 1), seed=0) -> RequestBatch:
-    g = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    times = torch.cat([torch.sort(torch.randint(0, 10_000, (length,), generator=g)).values for length in lengths])
-    return RequestBatch.from_lengths(
-        hist_lengths=list(lengths), cand_lengths=list(candidates),
-        hist_item_ids=torch.randint(1, NUM_ITEMS + 1, (n,), generator=g),
-        hist_actions=torch.randint(0, NUM_ACTIONS + 1, (n,), generator=g), hist_timestamps=times,
-        cand_item_ids=torch.randint(1, NUM_ITEMS + 1, (sum(candidates),), generator=g),
-        request_time=torch.full((len(lengths),), 20_000), user_ids=torch.arange(1, len(lengths) + 1))
+    return random_requests(lengths, candidates, num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, seed=seed,
+                           request_times=[20_000] * len(lengths), with_users=True)
 
 
 def ranking_model(arch: str, tasks=("click", "like")):

@@ -25,7 +25,7 @@ def _exported(tmp_path, model=None):
 
 def test_intact_artifacts_load(tmp_path):
     recipe = _exported(tmp_path)
-    assert recipe._weights is None and set(recipe.checksums) == {CONFIG_FILE, WEIGHTS_FILE}
+    assert recipe._files is None and set(recipe.checksums) == {CONFIG_FILE, WEIGHTS_FILE}
     recipe.load_artifacts(str(tmp_path))
     assert recipe.scorer.model.cfg.num_items == 20
 

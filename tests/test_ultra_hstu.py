@@ -9,20 +9,14 @@ import torch
 from merlin_longseq.models.hstu import HSTUEncoder
 from merlin_longseq.models.ultra_hstu import ULTRAHSTUConfig, ULTRAHSTUModel
 from merlin_longseq.request import RequestBatch
+from request_factory import random_requests
 
 NUM_ITEMS = 30
 
 
 def requests(lengths, candidates, seed=0) -> RequestBatch:
-    g = torch.Generator().manual_seed(seed)
-    n = sum(lengths)
-    times = torch.cat([torch.sort(torch.randint(0, 5_000, (length,), generator=g)).values for length in lengths])
-    return RequestBatch.from_lengths(
-        hist_lengths=list(lengths), cand_lengths=list(candidates),
-        hist_item_ids=torch.randint(1, NUM_ITEMS + 1, (n,), generator=g),
-        hist_actions=torch.randint(0, 4, (n,), generator=g), hist_timestamps=times,
-        cand_item_ids=torch.randint(1, NUM_ITEMS + 1, (sum(candidates),), generator=g),
-        request_time=torch.tensor([6_000 + 1_000 * r for r in range(len(lengths))]))
+    return random_requests(lengths, candidates, num_items=NUM_ITEMS, seed=seed, max_time=5_000,
+                           request_times=[6_000 + 1_000 * r for r in range(len(lengths))])
 
 
 def full_sequence_logits(model: ULTRAHSTUModel, batch: RequestBatch) -> torch.Tensor:

@@ -11,9 +11,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from merlin_longseq.extrapolation import keep_recent
+from merlin_longseq.extrapolation import BetaLengthSampler, keep_recent
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.request import RequestLimits
+
+
+def request_of_candidates(num_requests: int, cand_offsets: torch.Tensor) -> torch.Tensor:
+    """The request index of every candidate [C]."""
+    return torch.repeat_interleave(torch.arange(num_requests, device=cand_offsets.device),
+                                   lengths_from_offsets(cand_offsets))
 
 
 class NamedTasksConfig:
@@ -26,6 +32,16 @@ class NamedTasksConfig:
     @property
     def uses_users(self) -> bool:
         return self.num_users > 0
+
+    def _check_heads_and_sampler(self) -> None:
+        """The __post_init__ part these configs share: task names, tower widths, the training-time sampler."""
+        self.tasks, self.mlp_dims = tuple(self.tasks), tuple(self.mlp_dims)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"task names must be unique, got {self.tasks}")
+        if any(size < 1 for size in self.mlp_dims):
+            raise ValueError(f"mlp_dims must be positive, got {self.mlp_dims}")
+        if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
+            raise TypeError("length_sampler must be a BetaLengthSampler or None")
 
     def headless(self):
         """A copy with no task heads (the T4R tasks are the heads)."""
@@ -53,6 +69,15 @@ class RankingModel(nn.Module):
     def _task_linear(self) -> nn.Linear:
         raise NotImplementedError
 
+    def tower_hidden(self, summary, target, user_tokens, request_of, product: bool = True):
+        """self.tower(MLP) over [summary || target (|| summary * target) (|| user token)] per candidate."""
+        features = [summary, target]
+        if product:
+            features.append(summary * target)
+        if user_tokens is not None:
+            features.append(user_tokens[request_of])
+        return self.tower(torch.cat(features, dim=-1))
+
     def sample_recent(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets):
         """Training only, with a length sampler: each history cut to a Beta-drawn most recent window (length
         extrapolation); otherwise the inputs unchanged."""
@@ -70,4 +95,4 @@ class RankingModel(nn.Module):
         return self.score_candidates(state, cand_item_ids, cand_offsets)
 
 
-__all__ = ["RankingModel"]
+__all__ = ["NamedTasksConfig", "RankingModel", "request_of_candidates"]

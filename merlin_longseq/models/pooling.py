@@ -19,7 +19,7 @@ from torch import nn
 from merlin_longseq.extrapolation import BetaLengthSampler
 from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
-from merlin_longseq.models.base import NamedTasksConfig, RankingModel
+from merlin_longseq.models.base import NamedTasksConfig, RankingModel, request_of_candidates
 from merlin_longseq.request import check_candidates, check_history
 
 
@@ -41,16 +41,9 @@ class MeanPoolConfig(NamedTasksConfig):
             raise ValueError("num_actions and num_users must be >= 0")
         if self.d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {self.d_model}")
-        self.tasks = tuple(self.tasks)
-        self.mlp_dims = tuple(self.mlp_dims)
-        if any(size < 1 for size in self.mlp_dims):
-            raise ValueError(f"mlp_dims must be positive, got {self.mlp_dims}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"task names must be unique, got {self.tasks}")
+        self._check_heads_and_sampler()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
-            raise TypeError("length_sampler must be a BetaLengthSampler or None")
 
 
 
@@ -98,13 +91,6 @@ class MeanPoolModel(RankingModel):
         user_tokens = self.user_embedding(user_ids) if self.user_embedding is not None else None
         return tokens, hist_offsets, user_tokens
 
-    def tower_hidden(self, summary, target, user_tokens, request_of):
-        """MLP([summary || target || summary * target (|| user token)]) per candidate -> [T, hidden_dim]."""
-        features = [summary, target, summary * target]
-        if user_tokens is not None:
-            features.append(user_tokens[request_of])
-        return self.tower(torch.cat(features, dim=-1))
-
     # ---- the model
 
     def encode_user(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
@@ -133,7 +119,3 @@ class MeanPoolModel(RankingModel):
         return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
 
 
-def request_of_candidates(num_requests: int, cand_offsets: torch.Tensor) -> torch.Tensor:
-    """The request index of every candidate [T]."""
-    return torch.repeat_interleave(torch.arange(num_requests, device=cand_offsets.device),
-                                   lengths_from_offsets(cand_offsets))

@@ -48,7 +48,7 @@ from merlin_longseq.jagged import lengths_from_offsets
 from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.history_projection import history_projection
 from merlin_longseq.ops.target_attention import target_attention
-from merlin_longseq.models.base import NamedTasksConfig, RankingModel
+from merlin_longseq.models.base import NamedTasksConfig, RankingModel, request_of_candidates
 from merlin_longseq.request import RequestBatch, check_candidates, check_history
 
 
@@ -83,12 +83,7 @@ class STCAConfig(NamedTasksConfig):
         if self.num_time_buckets < 1 or self.num_rank_buckets < 1:
             raise ValueError("num_time_buckets and num_rank_buckets must be >= 1")
         self.head_dim = self.head_dim or max(1, self.d_model // self.n_heads)
-        self.tasks = tuple(self.tasks)
-        self.mlp_dims = tuple(self.mlp_dims)
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"task names must be unique, got {self.tasks}")
-        if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
-            raise TypeError("length_sampler must be a BetaLengthSampler or None")
+        self._check_heads_and_sampler()
         Backend.parse(self.backend)
 
 
@@ -233,14 +228,9 @@ class STCAModel(RankingModel):
             summaries.append(layer.attend(query, keys, values, cand_offsets, state.history_offsets,
                                           max_history_len))  # o(i)
             query = layer.fuse(torch.cat([target, *summaries], dim=-1))  # q(i + 1)
-        features = [query, target]
-        if self.cfg.target_product:
-            features.append(query * target)
-        if state.user_tokens is not None:
-            request_of_candidate = torch.repeat_interleave(
-                torch.arange(state.num_requests, device=cand_offsets.device), lengths_from_offsets(cand_offsets))
-            features.append(state.user_tokens[request_of_candidate])
-        return self.tower(torch.cat(features, dim=-1))
+        request_of = (request_of_candidates(state.num_requests, cand_offsets) if state.user_tokens is not None
+                      else None)
+        return self.tower_hidden(query, target, state.user_tokens, request_of, product=self.cfg.target_product)
 
     def score_candidates(self, state: STCAUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Logits [total_candidates, num_tasks] of candidates against a (possibly cached) user state."""

@@ -21,6 +21,7 @@ checks them against the HSTU encoder run over the whole [history | targets] sequ
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -62,13 +63,7 @@ class ULTRAHSTUConfig(NamedTasksConfig):
     def __post_init__(self):
         if self.num_items < 1 or self.num_actions < 0 or self.num_users < 0:
             raise ValueError("need num_items >= 1, num_actions >= 0 and num_users >= 0")
-        self.tasks, self.mlp_dims = tuple(self.tasks), tuple(self.mlp_dims)
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"task names must be unique, got {self.tasks}")
-        if any(size < 1 for size in self.mlp_dims):
-            raise ValueError(f"mlp_dims must be positive, got {self.mlp_dims}")
-        if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
-            raise TypeError("length_sampler must be a BetaLengthSampler or None")
+        self._check_heads_and_sampler()
         Backend.parse(self.backend)
         _ = self.hstu  # HSTUConfig checks the layer settings (window, prefix, truncation)
 
@@ -129,8 +124,6 @@ class ULTRAHSTUModel(RankingModel):
 
     @property
     def limits(self):
-        import dataclasses
-
         return dataclasses.replace(super().limits, max_history=self.cfg.max_seq_len)
 
     # ---- user side: once per request -------------------------------------------------------------------
@@ -180,11 +173,7 @@ class ULTRAHSTUModel(RankingModel):
             av = self._target_attention(layer, q, k_self, v_self, k, v, times, offsets, state.request_time,
                                         request_of, slot, width)
             y = layer.finish(y, av, u)
-        out = self.output_norm(y)
-        features = [out, target, out * target]
-        if state.user_tokens is not None:
-            features.append(state.user_tokens[request_of])
-        return self.tower(torch.cat(features, dim=-1))
+        return self.tower_hidden(self.output_norm(y), target, state.user_tokens, request_of)
 
     def score_candidates(self, state: ULTRAHSTUUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         if self.heads is None:

@@ -126,13 +126,12 @@ class PredictLongSeq(BaseOperator):
         if limits.needs_user_ids and not self.columns.user_id:
             raise ValueError("this model needs user ids: set columns.user_id")
         self._description = registry.model_to_dict(model)
-        self._weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         self._vocabulary = None if item_vocabulary is None else np.asarray(item_vocabulary)
         self._scorer = None
         # the artifact files' bytes are fixed here, so their checksums travel in the pickled recipe and the
         # server can tell a damaged or replaced file from the one exported
         self._files = {CONFIG_FILE: json.dumps(self._description, indent=2).encode(),
-                       WEIGHTS_FILE: _torch_bytes(self._weights)}
+                       WEIGHTS_FILE: _torch_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})}
         if self._vocabulary is not None:
             buffer = io.BytesIO()
             np.save(buffer, self._vocabulary, allow_pickle=False)
@@ -173,19 +172,19 @@ class PredictLongSeq(BaseOperator):
                 f.write(data)
 
     def load_artifacts(self, artifact_path=None):
-        if self._weights is None:
+        if self._files is None:  # in the server: the recipe came unpickled, the model comes from the files
             model = load_model(artifact_path, self.checksums)
             vocabulary_path = os.path.join(artifact_path, VOCABULARY_FILE)
             if os.path.exists(vocabulary_path):
                 self._vocabulary = np.load(vocabulary_path, allow_pickle=False)
-        else:
+        else:  # in-process: the same bytes the files would hold
             model = registry.model_from_dict(self._description)
-            model.load_state_dict(self._weights)
+            model.load_state_dict(torch.load(io.BytesIO(self._files[WEIGHTS_FILE]), weights_only=True))
         self._build(model.eval())
 
     def __getstate__(self):
         # the ensemble pickle holds the recipe only; the model travels in the artifact files
-        return {k: (None if k in ("_weights", "_scorer", "_vocabulary", "_files") else v)
+        return {k: (None if k in ("_scorer", "_vocabulary", "_files") else v)
                 for k, v in self.__dict__.items()}
 
     def _build(self, model):
@@ -195,7 +194,7 @@ class PredictLongSeq(BaseOperator):
     @property
     def scorer(self):
         if self._scorer is None:
-            if self._weights is None:
+            if self._files is None:
                 raise RuntimeError("PredictLongSeq has no model: load_artifacts was not called")
             self.load_artifacts()
         return self._scorer

@@ -260,7 +260,6 @@ def _swap_in(staging: str, final: str) -> None:
     """
     if not os.path.exists(final):
         os.rename(staging, final)
-        os.makedirs(staging)  # the caller's cleanup expects the folder
         return
     try:
         import ctypes

@@ -415,7 +415,8 @@ def headed_core_model(model, labels: Sequence[str] | None = None):
     headed = spec.model_class(core.cfg.with_tasks(names))
     result = headed.load_state_dict(core.state_dict(), strict=False)
     head = headed.task_head
-    head_keys = {k for k, _ in headed.named_parameters() if any(p is _ for p in head.parameters())}
+    head_params = {id(p) for p in head.parameters()}
+    head_keys = {name for name, p in headed.named_parameters() if id(p) in head_params}
     if result.unexpected_keys or set(result.missing_keys) != head_keys:  # only the heads may be new
         raise RuntimeError(f"headed copy of {type(core).__name__} does not line up with the trained one: missing "
                            f"{result.missing_keys}, unexpected {result.unexpected_keys}")
