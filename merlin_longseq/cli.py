@@ -159,6 +159,12 @@ def _export(args) -> int:
 
     from merlin_longseq.serving.repository import export
 
+    for what, path, marker in (("model", args.model, "t4rec_model_class.pkl"), ("workflow", args.workflow,
+                                                                              "workflow.pkl")):
+        if not os.path.isfile(os.path.join(path, marker)):
+            print(f"merlin-longseq export: {path} is not a saved {what} folder (no {marker}; write it with "
+                  f"{'tr.Model.save' if what == 'model' else 'Workflow.save'})", file=sys.stderr)
+            return 2
     with tqdm(total=3, desc="export", leave=False) as bar:
         # tr.Model.load unpickles the folder's model file: load only models you trained yourself
         model = tr.Model.load(args.model)

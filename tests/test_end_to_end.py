@@ -166,3 +166,18 @@ def test_served_next_item_top_k_equals_the_trained_tr_model(world):
                                   cand_item_id=np.zeros(0, np.int64), user_id=np.int64(user))
         np.testing.assert_array_equal(served["topk_item_id"], vocabulary[ids[0].numpy()])
         np.testing.assert_allclose(served["topk_score"], best[0].numpy(), atol=1e-5)
+
+
+def test_cli_export_of_a_saved_tr_model(world, tmp_path):
+    """`merlin-longseq export MODEL_DIR WORKFLOW_DIR REPO`: the tr.Model.save folder of the trained model."""
+    from merlin_longseq import cli
+    from merlin_longseq.serving.repository import read_manifest
+
+    world["models"]["stca"].save(str(tmp_path / "model"))
+    world["workflow"].save(str(tmp_path / "workflow"))
+    repo = tmp_path / "repo"
+    assert cli.main(["export", str(tmp_path / "model"), str(tmp_path / "workflow"), str(repo), "--max-history",
+                     str(MAX_HISTORY), "--name", "stca_cli", "--device", "cpu"]) == 0
+    entry = read_manifest(str(repo))["models"]["stca_cli"]
+    assert entry["arch"] == "stca" and entry["outputs"] == ["score_click"]
+    assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "workflow"), str(repo)]) == 2
