@@ -19,12 +19,8 @@ from merlin.io import Dataset  # noqa: E402
 from merlin_longseq.data.synthetic import SyntheticConfig, generate_impressions  # noqa: E402
 from merlin_longseq.request import validate_request  # noqa: E402
 from merlin_longseq.train_ddp import main as train_main, read_request_parquet, requests_from_logs  # noqa: E402
-from merlin_longseq.workflows.distributed_etl import (  # noqa: E402
-    check_requests_whole,
-    local_cluster,
-    run_request_etl,
-)
-from merlin_longseq.workflows.request_grouping import build_request_workflow  # noqa: E402
+from merlin_longseq.workflows.distributed_etl import local_cluster, run_request_etl  # noqa: E402
+from merlin_longseq.workflows.request_grouping import build_request_workflow, check_request_partitions  # noqa: E402
 
 LABELS = ["click", "like"]
 MAX_HISTORY = 25
@@ -86,9 +82,12 @@ def test_split_requests_are_detected(logs):
     _, impressions = logs
     # row order interleaves requests, so a plain cut into partitions splits them
     shuffled = impressions.sample(frac=1.0, random_state=0).reset_index(drop=True)
-    with pytest.raises(ValueError, match="span several partitions"):
-        check_requests_whole(Dataset(shuffled, npartitions=3))
-    check_requests_whole(Dataset(impressions.sort_values("request_id"), npartitions=1))
+    with pytest.raises(ValueError, match="partitions"):
+        check_request_partitions(Dataset(shuffled, npartitions=3))
+    check_request_partitions(Dataset(impressions.sort_values("request_id"), npartitions=1))
+    with pytest.raises(ValueError, match="shuffle_by_keys"):  # the workflow itself refuses it at fit
+        run_request_etl(shuffled, logs[0], label_columns=LABELS, max_history=5, partition=False, categorify=False,
+                        npartitions=3)
     with pytest.raises(ValueError, match="workflow_dir"):
         run_request_etl(impressions, logs[0], label_columns=LABELS, max_history=5)
 

@@ -17,6 +17,7 @@ from merlin_longseq.extrapolation import BetaLengthSampler  # noqa: E402
 from merlin_longseq.workflows.request_grouping import (  # noqa: E402
     RequestGrouping,
     build_request_workflow,
+    check_request_partitions,
 )
 
 LIST_COLUMNS = ("hist_", "cand_")
@@ -514,3 +515,138 @@ def test_float_times_and_ids_beyond_int64_are_refused():
         op.transform(columns, huge)
     fine = op.transform(columns, impressions.assign(item_id=impressions["item_id"].astype(np.uint64)))
     assert fine["cand_item_id"].tolist() == [[5], [7]]
+
+
+# ---- empty histories everywhere -------------------------------------------------------------------------------
+def in_partitions(*frames):
+    """A merlin Dataset whose partitions are exactly these frames, in this order."""
+    import dask.dataframe as dd
+
+    return Dataset(dd.concat([dd.from_pandas(f.reset_index(drop=True), npartitions=1, sort=False) for f in frames]))
+
+
+def new_users_day(impressions):
+    """The impressions again, as other requests of users with no event at all."""
+    return impressions.assign(user_id=impressions["user_id"] + 1000, request_id=impressions["request_id"] + 1000)
+
+
+def dtypes_of(schema) -> dict:
+    return {name: schema[name].dtype for name in schema.column_names}  # DType holds the list shape too
+
+
+@pytest.mark.parametrize("cause", ["new_users", "empty_event_log"])
+def test_all_empty_histories_fit_and_keep_the_usual_dtypes(events, impressions, cause):
+    """Every history of the dataset empty: merlin's dtype capture in Workflow.fit found no value to read a dtype
+    from (TypeError); fit and transform must work and give typed empty lists and the usual schema."""
+    log, day = (events, new_users_day(impressions)) if cause == "new_users" else (events.iloc[:0], impressions)
+    workflow = nvt.Workflow(list(day.columns) >> RequestGrouping(log, label_columns=["click"], max_history=5))
+    workflow.fit(Dataset(day))
+    out = workflow.transform(Dataset(day)).to_ddf().compute()
+
+    assert sorted(out["request_id"]) == sorted(day["request_id"].unique())
+    for name in ("hist_item_id", "hist_timestamp", "hist_action"):
+        assert all(len(row) == 0 and row.dtype == np.int64 for row in out[name]), name
+    assert [len(row) for row in out.sort_values("request_id")["cand_item_id"]] == [2, 3, 1, 1]
+    usual = nvt.Workflow(list(impressions.columns) >> RequestGrouping(events, label_columns=["click"],
+                                                                      max_history=5))
+    usual.fit(Dataset(impressions))
+    assert dtypes_of(workflow.output_schema) == dtypes_of(usual.output_schema)
+
+
+@pytest.mark.parametrize("empty_partition", [0, 1])
+def test_one_partition_of_new_users_among_others(events, impressions, tmp_path, empty_partition):
+    """merlin.io.Dataset(df, npartitions=2) with one partition whose histories are all empty, through the jobs'
+    workflow (joint Categorify: its fit transforms every partition), equals the one-partition run."""
+    frames = [impressions, new_users_day(impressions)]
+    if empty_partition == 0:
+        frames.reverse()
+    whole = pd.concat(frames, ignore_index=True)
+    dataset = Dataset(whole, npartitions=2)
+    parts = [dataset.to_ddf().partitions[i].compute() for i in range(2)]
+    assert (parts[empty_partition]["user_id"] >= 1000).all() and (parts[1 - empty_partition]["user_id"] < 1000).all()
+
+    flow = build_request_workflow(events, label_columns=["click"], max_history=5, out_path=str(tmp_path / "split"))
+    flow.fit(dataset)
+    flow.transform(dataset).to_parquet(output_path=str(tmp_path / "out"))
+    got = Dataset(str(tmp_path / "out"), engine="parquet").to_ddf().compute()
+    single = build_request_workflow(events, label_columns=["click"], max_history=5, out_path=str(tmp_path / "one"))
+    single.fit(Dataset(whole))
+    expected = single.transform(Dataset(whole)).to_ddf().compute()
+
+    assert as_python(got) == as_python(expected)
+    assert all(len(row) == 0 for row in got[got["user_id"] >= 1000]["hist_item_id"])
+    assert dtypes_of(flow.output_schema) == dtypes_of(single.output_schema)
+    # every written file, the all-empty partition's too, stores the lists as lists of int64
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((tmp_path / "out").glob("*.parquet"))
+    assert len(files) == 2
+    for path in files:
+        for name in ("hist_item_id", "hist_timestamp", "hist_action"):
+            assert pq.read_schema(path).field(name).type.value_type == pa.int64(), (path.name, name)
+
+
+# ---- requests and partitions --------------------------------------------------------------------------------
+def test_request_split_over_partitions_is_refused_at_fit(events, impressions, tmp_path):
+    # request 101 has three rows: two in the first partition, one in the second
+    split = in_partitions(impressions.iloc[:4], impressions.iloc[4:])
+    workflow = nvt.Workflow(list(impressions.columns) >> RequestGrouping(events, label_columns=["click"],
+                                                                         max_history=4))
+    with pytest.raises(ValueError, match=r"request_id 101 has rows in 2 partitions.*shuffle_by_keys"):
+        workflow.fit(split)
+    flow = build_request_workflow(events, label_columns=["click"], max_history=4, out_path=str(tmp_path))
+    with pytest.raises(ValueError, match="request_id 101 has rows in 2 partitions"):
+        flow.fit(split)
+
+
+def test_request_split_is_refused_when_transforming_a_dataset_never_fitted_on(events, impressions, tmp_path):
+    flow = build_request_workflow(events, label_columns=["click"], max_history=4, categorify=False)
+    flow.fit(Dataset(impressions))
+    split = in_partitions(impressions.iloc[:4], impressions.iloc[4:])
+    with pytest.raises(ValueError, match="request_id 101 has rows in 2 partitions"):
+        flow.transform(split)
+    flow.save(str(tmp_path / "saved"))
+    with pytest.raises(ValueError, match="request_id 101"):
+        nvt.Workflow.load(str(tmp_path / "saved")).transform(split)
+    # the helper for plain workflows: the first split request by id, and how many more
+    with pytest.raises(ValueError, match=r"request_id 100 has rows in 2 partitions \(and 1 more"):
+        check_request_partitions(in_partitions(impressions.iloc[:1], impressions.iloc[1:3], impressions.iloc[3:]))
+    check_request_partitions(Dataset(impressions))  # one partition: nothing can be split
+    check_request_partitions(in_partitions(impressions.iloc[:2], impressions.iloc[2:5], impressions.iloc[5:]))
+
+
+@pytest.mark.parametrize("categorify", [False, True])
+def test_whole_requests_over_partitions_give_the_single_partition_rows(synthetic, tmp_path, categorify):
+    events, impressions, _ = synthetic
+    # three partitions, each request whole in one of them, rows in log order
+    frames = [impressions[impressions["request_id"] % 3 == k] for k in range(3)]
+    assert all(len(frame) for frame in frames)
+
+    def run(dataset, name):
+        flow = build_request_workflow(events, label_columns=["click", "like"], max_history=16, categorify=categorify,
+                                      out_path=str(tmp_path / name))
+        flow.fit(dataset)
+        return as_python(flow.transform(dataset).to_ddf().compute())
+
+    expected = run(Dataset(impressions), "single")
+    got = run(in_partitions(*frames), "three")
+    assert got == expected and len(got) == impressions["request_id"].nunique()
+
+
+def test_request_and_event_times_must_be_of_one_kind(events, impressions):
+    """Both integers (any width: both become int64) or both datetime64; a mix, floats or booleans are refused."""
+    from merlin.dag import ColumnSelector
+
+    columns = ColumnSelector(list(impressions.columns))
+    dated = events.assign(timestamp=pd.Timestamp("2024-01-01") + pd.to_timedelta(events["timestamp"], unit="s"))
+    with pytest.raises(TypeError, match="request_time.*datetime64"):
+        RequestGrouping(dated, label_columns=["click"], max_history=4).transform(columns, impressions)
+    op = RequestGrouping(events, label_columns=["click"], max_history=4)
+    with pytest.raises(TypeError, match="request_time"):
+        op.transform(columns, impressions.assign(request_time=impressions["request_time"] > 50))
+    with pytest.raises(TypeError, match="timestamp"):
+        RequestGrouping(events.assign(timestamp=events["timestamp"] > 20), label_columns=["click"], max_history=4)
+    narrow = group(events.astype({"timestamp": "int16"}), impressions.astype({"request_time": "uint32"}))
+    assert narrow["request_time"].dtype == np.int64
+    assert as_python(narrow) == as_python(group(events, impressions))

@@ -7,7 +7,8 @@ rows of a request must sit in one partition. Its event log does not constrain th
 holds the whole log and is shipped (pickled) to every worker, so a request sees all of its user's events
 whatever partition it lands in. We partition the impressions BY USER (hash of user id): that keeps every
 request whole (a request has one user) and puts each user's requests together, which is what a future
-per-partition event log would need too. check_requests_whole verifies the rule before any work is done.
+per-partition event log would need too. The request workflow refuses a request split over partitions
+(request_grouping.check_request_partitions) at fit and at transform.
 
 Equal output to a single process: the grouping of a request depends only on its own rows and its user's
 events, and Categorify(encode_type="joint") builds one vocabulary from the statistics of all partitions; the
@@ -84,23 +85,6 @@ def _in_input_order(frame):
     return frame.sort_values(_ROW).drop(columns=[_ROW]).reset_index(drop=True)
 
 
-def check_requests_whole(dataset, request_col: str = "request_id") -> None:
-    """Raise ValueError when a request's rows are spread over several partitions (RequestGrouping would then
-    emit the request once per partition, each copy with part of its candidates)."""
-    ddf = dataset.to_ddf()
-    if request_col not in ddf.columns:
-        raise ValueError(f"missing column {request_col!r} in the impressions")
-    if ddf.npartitions == 1:
-        return
-    distinct_per_partition = ddf[request_col].map_partitions(lambda s: s.drop_duplicates())
-    partitions_per_request = distinct_per_partition.value_counts().compute()
-    split = partitions_per_request[partitions_per_request > 1]
-    if len(split):
-        examples = list(split.index[:5])
-        raise ValueError(f"{len(split)} request(s) span several partitions (e.g. {request_col} {examples}); "
-                         "partition the impressions by user first (partition_by_user)")
-
-
 def run_request_etl(impressions, events, *, label_columns: Sequence[str], max_history: int,
                     workflow_dir: Optional[str] = None, out_dir: Optional[str] = None,
                     npartitions: Optional[int] = None, partition: bool = True, categorify: bool = True,
@@ -130,7 +114,6 @@ def run_request_etl(impressions, events, *, label_columns: Sequence[str], max_hi
         dataset = Dataset(impressions, npartitions=npartitions or 1)
     if partition:
         dataset = partition_by_user(dataset, user_col, npartitions)
-    check_requests_whole(dataset, request_col)
     workflow = build_request_workflow(
         events, label_columns=label_columns, max_history=max_history, categorify=categorify,
         out_path=os.path.join(workflow_dir, "categories") if workflow_dir else None, user_col=user_col,

@@ -13,7 +13,11 @@ Schema: an integer hist_<feature> (e.g. hist_action) gets the int domain {min, m
 unless its source schema has one, so a request block sizes its table from the schema alone; user ids are
 written raw, without a domain (Categorify user_id after the grouping to give a model a user table).
 The output names are fixed by the contract; only the input column names are configurable. Integer ids and
-datetime64 times are cast to int64 (datetime64 becomes int nanoseconds: events and requests must share it).
+datetime64 times are cast to int64 (datetime64 becomes int nanoseconds, whatever its unit).
+
+Times: request and event times must be of one kind: both integers (any width, cast to int64; say, both in
+seconds: the unit itself cannot be checked) or both datetime64. Floats, booleans and a mix of the two kinds
+are refused, as are unsigned values above the int64 maximum.
 
 Rules, all deterministic:
 - Leakage: an event at or after the request time never enters that request's history.
@@ -22,13 +26,36 @@ Rules, all deterministic:
 - Candidates keep the order of their first row in the impressions partition.
 - Duplicate impressions (same request, same item): the FIRST row wins (its features and labels), later
   rows are dropped: a repeated item is one decision, and counting its labels twice would bias training.
-- A request with no prior events gets empty history lists and still appears.
+- A request with no prior events gets empty history lists and still appears, also when no request of a
+  partition (or of the dataset: an empty event log, a day of new users) has any: the lists are empty but
+  typed, and the fitted schema has the same dtypes as for any other data (see "Empty histories" below).
 - Nulls in any column the operator reads are an error: a null label would leave a label list shorter
   than its candidate list (fill them upstream, e.g. nvt.ops.FillMissing, if that is what you mean).
 
-Partitioning: like nvt.ops.Groupby, the operator groups within a partition. All rows of one request must
-sit in one partition: read the impressions as one partition or call Dataset.shuffle_by_keys([request_col]).
+Partitioning: like nvt.ops.Groupby, the operator groups within a partition, so all rows of one request must
+sit in one partition (read the impressions as one partition, or Dataset.shuffle_by_keys([request_col]); the
+request id is the key: it must name one request in the whole dataset). A request split over partitions
+would silently come out as several rows, so it is refused, naming the request:
+- at fit: RequestGrouping is a StatOperator whose statistic is the set of request ids found in more than one
+  partition of the fit dataset (per partition: its distinct ids; then a count per id). Workflow.fit raises
+  before any later statistic (the joint Categorify) is computed.
+- at transform: a workflow from build_request_workflow (a RequestWorkflow) runs the same check on every
+  multi-partition merlin.io.Dataset it transforms, also one it was never fitted on (an eval split).
+  A plain nvt.Workflow cannot check a dataset other than its fit dataset: call check_request_partitions on
+  it first. A single DataFrame, or a direct RequestGrouping.transform, is one partition: nothing to split.
+Cost: one more pass over the request id column per check (fit, and each transform of a RequestWorkflow);
+over a lazily shuffled Dataset that pass runs the shuffle again, so persist or write it out first.
+Note that shuffle_by_keys may reorder the rows of a request, and candidates keep their row order;
+workflows.distributed_etl.partition_by_user keeps the order. Not handled: a partition with no rows at all
+breaks merlin 23.08's executor in nodes below the operator (it drops an empty node output, then looks for
+its columns in the input frame: KeyError), e.g. in build_request_workflow's joint Categorify.
 The operator changes the number of rows, so every other branch of the workflow must hang below it.
+
+Empty histories: merlin's dtype capture (run on the output of every node during Workflow.fit) reads a
+pandas list column's dtype from its first value, so a partition whose lists are all empty has none to read
+and merlin 23.08 fails with a TypeError. Importing this module extends LocalExecutor's capture for exactly
+that case: the dtype of the (typed, empty) numpy arrays, else the dtype the node's schema declares. A
+column merlin can read is left to merlin; cudf list columns carry their dtype and never reach this path.
 
 How the events get in: the `events` constructor argument (a pandas/cudf DataFrame, a merlin.io.Dataset,
 or parquet path(s)) is read ONCE, sorted, and kept in host memory as a pandas DataFrame. It is pickled with
@@ -43,6 +70,7 @@ goes through create_multihot_col), and the length sampler always draws on the ho
 """
 from __future__ import annotations
 
+import functools
 import os
 import zlib
 from typing import Optional, Sequence
@@ -57,10 +85,14 @@ from merlin.core.dispatch import (
     concat,
     convert_data,
     create_multihot_col,
+    is_list_dtype,
+    list_val_dtype,
     series_has_nulls,
 )
-from merlin.dag import ColumnSelector, DataFormats, Operator
+from merlin.dag import ColumnSelector, DataFormats
+from merlin.dag.ops.stat_operator import StatOperator
 from merlin.dtypes.base import ElementType
+from merlin.dtypes.shape import DefaultShapes
 from merlin.schema import ColumnSchema, Schema, Tags
 
 # contract names of the output columns
@@ -78,7 +110,7 @@ _KEY_USER, _KEY_TIME = "__rg_user", "__rg_time"
 _ENCODED_MARKERS = ("cat_path", "embedding_sizes")
 
 
-class RequestGrouping(Operator):
+class RequestGrouping(StatOperator):
     """Groups impression rows into one row per request and attaches each user's prior event history.
 
     Apply it to the impression columns: user, request id, request time, item, every label column and any
@@ -112,6 +144,9 @@ class RequestGrouping(Operator):
         partition), so output is deterministic for a seed and a partitioning.
     label_tags : sequence of Tags
         Tags of the label columns besides LIST; default TARGET + BINARY_CLASSIFICATION.
+
+    Fitting (Workflow.fit) computes no statistic the transform uses: it only refuses a request whose rows
+    sit in several partitions (see the module docstring). A direct transform needs no fit.
     """
 
     def __init__(
@@ -298,7 +333,17 @@ class RequestGrouping(Operator):
             out[name] = _list_column(cand_offsets, impressions[source])
         return type(df)({name: column.reset_index(drop=True) for name, column in out.items()})
 
-    transform.__doc__ = Operator.transform.__doc__
+    transform.__doc__ = StatOperator.transform.__doc__
+
+    # ---- fit: requests must not span partitions ----------------------------------------------------------
+    def fit(self, col_selector: ColumnSelector, ddf):
+        return split_requests(ddf, self.request_col)
+
+    def fit_finalize(self, split):
+        _refuse_split_requests(split, self.request_col)
+
+    def clear(self):
+        pass  # the fit check keeps no statistics
 
     def _candidate_rows(self, impressions):
         """Impression rows without duplicates, sorted by (request, first appearance)."""
@@ -501,7 +546,10 @@ def _as_int64_if_integer(series):
     if element is ElementType.UInt and len(series) and int(series.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"column '{series.name}' holds ids above the int64 maximum ({int(series.max())}); the "
                          "request contract's ids are int64: re-map them first (e.g. Categorify or a hash)")
-    if element in (ElementType.Int, ElementType.UInt, ElementType.DateTime):
+    if element is ElementType.DateTime:
+        # cudf keeps s / ms / us units; nanoseconds first, so both logs' times land in one integer unit
+        return series.astype("datetime64[ns]").astype("int64")
+    if element in (ElementType.Int, ElementType.UInt):
         return series.astype("int64")
     return series
 
@@ -547,7 +595,116 @@ def _to_numpy(series):
     return series.to_numpy() if hasattr(series, "to_numpy") else np.asarray(series)
 
 
+# ---- requests split over partitions ---------------------------------------------------------------------------
+def split_requests(ddf, request_col: str = "request_id"):
+    """Lazy (dask) Series: for each request id found in more than one partition of `ddf`, in how many.
+
+    One pass over the id column: each partition's distinct ids, then a count per id spread over as many
+    output partitions as the input has, so only the (usually empty) result comes back to the client.
+    """
+    ids = ddf[request_col]
+    distinct = ids.map_partitions(_distinct, meta=ids._meta)
+    partitions_per_id = distinct.value_counts(split_out=max(1, ddf.npartitions))
+    return partitions_per_id[partitions_per_id > 1]
+
+
+def check_request_partitions(data, request_col: str = "request_id") -> None:
+    """Raise ValueError, naming a request, when some request's rows sit in several partitions of `data`
+    (a merlin.io.Dataset or a dask DataFrame); RequestGrouping would turn such a request into several rows.
+    A single partition (or a DataFrame) passes without any work."""
+    ddf = data.to_ddf() if hasattr(data, "to_ddf") else data
+    if not hasattr(ddf, "npartitions") or ddf.npartitions <= 1:
+        return
+    _require_columns(ddf.columns, [request_col], "the impressions")
+    import dask
+
+    _refuse_split_requests(dask.compute(split_requests(ddf, request_col))[0], request_col)
+
+
+def _distinct(series):
+    return series.drop_duplicates()
+
+
+def _refuse_split_requests(split, request_col):
+    """`split`: the computed split_requests Series (request id -> number of partitions)."""
+    if len(split) == 0:
+        return
+    split = split.sort_index()  # the same example on every run
+    first, partitions = _to_numpy(split.index[:1])[0], int(_to_numpy(split.iloc[:1])[0])
+    first = first.item() if hasattr(first, "item") else first
+    others = f" (and {len(split) - 1} more request(s))" if len(split) > 1 else ""
+    raise ValueError(
+        f"{request_col} {first!r} has rows in {partitions} partitions{others}: NVTabular runs RequestGrouping on "
+        "each partition on its own, so the request would come out as several rows, each with part of its "
+        "candidates. Put all rows of a request into one partition first, e.g. "
+        f"dataset.shuffle_by_keys([{request_col!r}]) (or sort by {request_col!r} and cut between requests)")
+
+
+# ---- merlin's dtype capture and empty lists --------------------------------------------------------------------
+def _capture_reads_empty_lists():
+    """Let LocalExecutor's dtype capture (Workflow.fit) handle a pandas list column whose rows are all empty.
+
+    merlin 23.08 takes a pandas list column's dtype from its first value (list_val_dtype); with every list
+    empty there is none, it gets None and fails with a TypeError: a partition of new users broke fit, in
+    this node and in every node downstream that passes the lists on. No representation of empty lists in
+    pandas gives it a value, so the capture itself is extended, for that case only: the dtype of the rows'
+    numpy arrays (RequestGrouping's are typed), else the dtype the node's schema declares. Everything merlin
+    can read goes to merlin unchanged. Installed on import, so Dask workers that unpickle the operator get it.
+    """
+    try:
+        from merlin.dag.executors import LocalExecutor
+    except ImportError:
+        return
+    capture = getattr(LocalExecutor, "_build_schema_from_data", None)
+    if capture is None or getattr(capture, "_reads_empty_lists", False):
+        return  # another merlin version, or already installed
+
+    @functools.wraps(capture)
+    def build_schema_from_data(self, output_data, col_name, output_col_schema):
+        column = output_data[col_name]
+        if not (isinstance(column, pd.Series) and is_list_dtype(column) and list_val_dtype(column) is None):
+            return capture(self, output_data, col_name, output_col_schema)
+        first = getattr(column.iloc[0], "dtype", None)
+        dtype = first if first is not None and first != np.dtype(object) else output_col_schema.dtype
+        shape = output_col_schema.shape
+        if not shape.is_list or shape.is_unknown:
+            shape = DefaultShapes.LIST  # what merlin sets for a list column
+        return output_col_schema.with_dtype(dtype).with_shape(shape)
+
+    build_schema_from_data._reads_empty_lists = True
+    LocalExecutor._build_schema_from_data = build_schema_from_data
+
+
+_capture_reads_empty_lists()
+
+
 # ---- convenience workflow -------------------------------------------------------------------------------------
+try:
+    from nvtabular import Workflow as _Workflow
+except ImportError:  # merlin-core alone runs the operator; the workflows below need NVTabular
+    _Workflow = object
+
+
+class RequestWorkflow(_Workflow):
+    """An nvt.Workflow that refuses to transform a merlin.io.Dataset in which a request spans partitions.
+
+    Workflow.fit is checked by RequestGrouping itself; this adds the check for datasets the workflow was not
+    fitted on (check_request_partitions: one pass over the request id column before the transform).
+    Saved and loaded like any nvt.Workflow (the class is pickled by reference).
+    """
+
+    def __init__(self, output_node, client=None, *, request_col: str = "request_id"):
+        super().__init__(output_node, client)
+        self.request_col = request_col
+
+    def transform(self, data):
+        from merlin.io import Dataset
+
+        if isinstance(data, Dataset):
+            check_request_partitions(data, self.request_col)
+        return super().transform(data)
+
+
 def build_request_workflow(
     events,
     *,
@@ -579,8 +736,11 @@ def build_request_workflow(
     Use::
 
         workflow = build_request_workflow(events, label_columns=["click"], max_history=512, out_path=dir)
-        workflow.fit(impressions_dataset)          # a merlin.io.Dataset; one request per partition
+        workflow.fit(impressions_dataset)          # a merlin.io.Dataset; every request within one partition
         workflow.transform(impressions_dataset).to_parquet(output_dir)
+
+    The result is a RequestWorkflow: fit and transform both refuse a dataset in which a request's rows span
+    partitions (repartition with impressions_dataset.shuffle_by_keys([request_col]) first).
 
     The grouping runs once per branch of the graph (the Categorify branch and the pass-through branch), so a
     categorified workflow groups each partition twice.
@@ -601,7 +761,7 @@ def build_request_workflow(
         request_time_col=request_time_col, length_sampler=length_sampler, seed=seed)
     grouped = selected >> grouping
     if not categorify:
-        return nvt.Workflow(grouped)
+        return RequestWorkflow(grouped, request_col=request_col)
     item_lists = [HIST_ITEM_ID, CAND_ITEM_ID]
     # Categorify takes column groups from a grouping parent: under one, the two columns share one vocabulary.
     # The grouping op gets an explicit selector, else its input schema also pulls in the raw impression
@@ -612,4 +772,4 @@ def build_request_workflow(
                                                **(categorify_options or {}))
     contract_order = grouping.output_column_names(ColumnSelector(selected)).names
     rest = [name for name in contract_order if name not in item_lists]
-    return nvt.Workflow((joint + grouped[rest])[contract_order])
+    return RequestWorkflow((joint + grouped[rest])[contract_order], request_col=request_col)
