@@ -9,33 +9,48 @@ import sys
 
 
 def serve_command(args) -> int:
-    """Run tritonserver on 127.0.0.1 until SIGTERM / SIGINT, then stop it letting in-flight requests finish."""
+    """Run tritonserver on 127.0.0.1 until SIGTERM / SIGINT, then stop it letting in-flight requests finish.
+
+    Exits 1 when tritonserver ends on its own (a crash, SIGKILL from outside): its process group and shared
+    memory are cleaned up first (serving/server.py)."""
+    import logging
     import signal
     import threading
 
     from merlin_longseq.serving.server import ServerError, TritonServer
 
+    # the server wrapper reports an unexpected exit and its clean-up through logging
+    logging.basicConfig(level=logging.WARNING, format="merlin-longseq serve: %(message)s", stream=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    server = None
     try:
         server = TritonServer(args.repo, http_port=args.http_port, grpc_port=args.grpc_port,
                               metrics_port=args.metrics_port, exit_timeout_s=args.exit_timeout,
-                              log_file=args.log_file, open_admin_apis=args.open_admin_apis)
-        server.start(timeout_s=args.start_timeout, progress=True)
+                              log_file=args.log_file, open_admin_apis=args.open_admin_apis,
+                              max_request_bytes=args.max_request_bytes)
+        server.start(timeout_s=args.start_timeout, progress=True, cancel=stop)
     except ServerError as err:
+        if server is not None:
+            server.close()
         print(f"merlin-longseq serve: {err}", file=sys.stderr)
         return 1
-    print(f"ready: http {server.http_url} grpc {server.grpc_url} (repository {server.repo_dir})", flush=True)
-    while not stop.is_set() and server.process.poll() is None:
-        stop.wait(0.5)
-    died = server.process.poll() is not None
-    code = server.stop()
-    server.close()
-    if died:
-        print(f"merlin-longseq serve: tritonserver exited on its own with code {code}", file=sys.stderr)
+    try:
+        cap = f"{server.request_byte_cap} bytes" if server.request_byte_cap else "none"
+        print(f"ready: http {server.http_url} grpc {server.grpc_url} (repository {server.repo_dir}; tritonserver "
+              f"pid {server.process.pid}, shm prefix {server.shm_prefix}, request byte cap {cap})", flush=True)
+        while not stop.is_set() and not server.exited.is_set():
+            stop.wait(0.2)
+        code = server.stop()
+    finally:
+        server.close()  # also on an exception: never leave the server's group or files behind
+    if server.unexpected_exit:  # logged by the wrapper
         return 1
-    print("stopped", flush=True)
+    if server.forced:
+        print("merlin-longseq serve: tritonserver was drained (nothing in flight) but still running after SIGTERM "
+              "(clients keeping connections open, or a slow unload); its process group was killed", file=sys.stderr)
+    print(f"stopped (tritonserver exit status {code})", flush=True)
     return 0
 
 
@@ -87,7 +102,11 @@ def add_serving_commands(sub) -> dict:
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
     serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--exit-timeout", type=int, default=30, help="seconds in-flight requests get at shutdown")
+    serve.add_argument("--exit-timeout", type=int, default=30,
+                       help="seconds in-flight requests and open client connections get at shutdown")
+    serve.add_argument("--max-request-bytes", type=int, default=None,
+                       help="byte cap of one request's inputs (default: derived from the repository's exported "
+                            "max_history / max_candidates)")
     serve.add_argument("--start-timeout", type=float, default=180, help="seconds to wait for readiness")
     serve.add_argument("--log-file", help="server log (default: kept in a temporary file)")
     serve.add_argument("--open-admin-apis", action="store_true",
