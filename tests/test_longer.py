@@ -86,8 +86,8 @@ def test_bad_config_raises(bad):
 
 
 def test_default_global_tokens_follow_num_users():
-    assert small_config().global_tokens == ("target", "cls", "user", "target_x_user", "target_x_history")
-    assert small_config(num_users=0).global_tokens == ("target", "cls", "target_x_history")
+    assert small_config().global_tokens == ("target", "cls", "user", "target_x_user")
+    assert small_config(num_users=0).global_tokens == ("target", "cls")
     assert small_config().d_model == 12  # K * token_dim
 
 
@@ -116,6 +116,9 @@ def test_groups_align_on_most_recent_event():
     dict(global_tokens=()),
     dict(global_tokens=("cls",), n_layers=1),
     dict(global_tokens=("target_history_stats", "user", "target"), merge_mode="concat"),
+    dict(layer1_global_keys=False),
+    dict(layer1_global_keys=False, global_tokens=("cls",), n_layers=1),
+    dict(aligned_init=False, target_product=False),
 ])
 def test_fast_path_matches_reference(overrides):
     model = LONGERModel(small_config(**overrides))
@@ -538,8 +541,9 @@ def test_default_settings_learn_at_the_ranking_learning_rates(lr):
     events, impressions = generate_impressions(data, requests_per_user=3, candidates_per_request=8)
     requests = requests_from_impressions(events, impressions)
     torch.manual_seed(0)
-    model = LONGERModel(LONGERConfig(num_items=data.num_items, num_tasks=2, token_dim=8, merge_size=4, n_heads=2,
-                                     n_layers=2, num_recent_queries=3, head_hidden=16))
+    # the ranking job's shape (K = 2, one layer; issue 14's ablations), narrower
+    model = LONGERModel(LONGERConfig(num_items=data.num_items, num_tasks=2, token_dim=8, merge_size=2, n_heads=2,
+                                     n_layers=1, num_recent_queries=3, head_hidden=16))
     assert "target_history_stats" not in model.cfg.global_tokens
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(0)
@@ -562,9 +566,12 @@ def test_default_settings_learn_at_the_ranking_learning_rates(lr):
     rate = labels.mean(0)
     base_rate_loss = -(rate * rate.log() + (1 - rate) * (1 - rate).log())  # a constant prediction's loss
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-    assert bool((loss < base_rate_loss - 0.08).all()), (loss, base_rate_loss)
+    # issue 14's defaults (no target_x_history shortcut, K = 2, one layer) learn more slowly on these short
+    # histories than the old ones did (loss 0.6255 / 0.5199 at lr 5e-3 against base 0.6930 / 0.5877): still well
+    # clear of the old initialisation's near-constant prediction
+    assert bool((loss < base_rate_loss - 0.05).all()), (loss, base_rate_loss)
     for task in range(2):
-        assert rank_auc(logits[:, task].numpy(), labels[:, task].numpy()) > 0.72
+        assert rank_auc(logits[:, task].numpy(), labels[:, task].numpy()) > 0.70  # the old init: 0.60-0.66
     # no dead head: most hidden units are still active (pre-activation > -2) on some candidates
     alive = (captured["pre"] > -2).float().mean(0) > 0.05
     assert float(alive.float().mean()) > 0.75
@@ -612,7 +619,8 @@ def test_target_history_stats_token_reads_the_history():
 
 def test_flops_hand_count_tiny_config():
     cfg = LONGERConfig(num_items=10, token_dim=2, merge_size=2, merge_mode="concat", n_heads=1, n_layers=2,
-                       num_recent_queries=2, ffn_mult=2, global_tokens=("target", "cls"), head_hidden=3)
+                       num_recent_queries=2, ffn_mult=2, global_tokens=("target", "cls"), head_hidden=3,
+                       target_product=False)
     # d = 4, L = 6 -> 3 merged tokens, 2 recent queries, 2 global tokens
     parts = longer_flops_breakdown(cfg, history_len=6)
     assert parts["merge"] == 0  # concat of 2 x 2 is already d = 4
@@ -622,14 +630,14 @@ def test_flops_hand_count_tiny_config():
                                        + 2 * (2 * 2 * 3 * 4))  # scores [2x4]@[4x3] and weighted sum
     assert parts["layer1_candidates"] == (2 * 2 * 4 * 12  # Q, K, V of 2 global tokens
                                           + 2 * (2 * 2 * 2 * 4)  # recent -> global keys
-                                          + 2 * (2 * 2 * 5 * 4)  # global -> 2 global + 3 merged keys
+                                          + 2 * (2 * 2 * 3 * 4)  # global -> 3 merged keys
                                           + 2 * 4 * 4 * 4  # output projection of 4 rows
                                           + 2 * (2 * 4 * 4 * 8))  # FFN 4 -> 8 -> 4 on 4 rows
     assert parts["self_layers"] == (2 * 4 * 4 * 12 + 2 * 4 * 4 * 4  # QKV, O on 4 tokens
                                     + 2 * (2 * 4 * 4 * 4)  # scores and weighted sum, 4 x 4
                                     + 2 * (2 * 4 * 4 * 8))  # FFN
     assert parts["head"] == 2 * 14 * 3 + 2 * 3 * 1  # (2 * 4 + 4 + 2) -> 3 -> 1
-    assert longer_flops_per_sample(cfg, 6) == sum(parts.values()) == 2794
+    assert longer_flops_per_sample(cfg, 6) == sum(parts.values()) == 2730
     # vanilla: per layer 24 T d^2 + 4 T^2 d at ffn_mult 4
     assert full_transformer_flops_per_sample(3, 4, 1) == 24 * 3 * 16 + 4 * 9 * 4 == 1296
 
@@ -777,3 +785,29 @@ def test_benchmark_script_runs_and_reports_the_analytic_flops(tmp_path):
     reference = report["reference"]
     assert reference["history_len"] == 20 and reference["speedup"] > 0
     assert reference["max_abs_logit_diff"] < 1e-4  # the two timed paths compute the same model
+
+
+@pytest.mark.parametrize("merge_mode", ["inner", "concat", "mean"])
+def test_aligned_init_target_query_finds_its_item(merge_mode):
+    """At init (aligned_init), a target's layer-1 query scores highest on the merged token holding that item; the
+    unaligned init does not (issue 14: what lets LONGER learn to read the history)."""
+    def mean_rank(aligned: bool) -> float:
+        """Mean rank (0 = best) of the group holding the target among the 8 groups, by layer-1 score."""
+        torch.manual_seed(0)
+        model = LONGERModel(small_config(token_dim=16, merge_size=4, merge_mode=merge_mode, d_model=32, n_heads=1,
+                                         global_tokens=("target",), aligned_init=aligned, target_product=False))
+        ranks = []
+        for trial in range(20):
+            gen = torch.Generator().manual_seed(trial)
+            items = torch.randperm(NUM_ITEMS, generator=gen)[:32] + 1  # 32 distinct events, 8 groups
+            n = items.numel()
+            cache = model.encode_user(items, torch.ones(n, dtype=torch.int64), torch.arange(n),
+                                      torch.tensor([0, n]), torch.tensor([n + 1]), torch.tensor([1]))
+            target = items[trial % n].view(1)
+            _, tokens = model._global_tokens(target, cache.features.index(torch.zeros(1, dtype=torch.int64)))
+            scores = cache.key[0, 0].mv(model.layer1.query(model.layer1.norm1(tokens))[0, 0])  # [8] (one head)
+            holder = scores.shape[0] - 1 - (n - 1 - trial % n) // 4  # groups are in time order, K = 4
+            ranks.append(int((scores > scores[holder]).sum()))
+        return sum(ranks) / len(ranks)
+
+    assert mean_rank(True) < 2.0 < 2.5 < mean_rank(False)  # chance: 3.5

@@ -129,13 +129,27 @@ class LONGERConfig:
     n_layers: int = 2  # layer 1 (cross) + n_layers - 1 self-attention layers
     num_recent_queries: int | None = 100  # k; None = every merged token is a query
     ffn_mult: int = 4
-    # order is kept; None = target, cls, (user, target_x_user when num_users > 0), target_x_history.
-    # target_history_stats (how often / how recently the target occurs in the history) is opt-in: it is
-    # a strong hand-made cross feature that STCA does not get, so leave it off for like-for-like comparisons
+    # order is kept; None = target, cls (and user, target_x_user when num_users > 0). target_x_history (target
+    # times the mean merged token) is opt-in: a shortcut the model takes instead of learning to read the history
+    # (with it, click AUC stayed flat in the history length: docs/RESULTS.md). target_history_stats (how often /
+    # how recently the target occurs in the history) is opt-in: a strong hand-made cross feature that STCA does
+    # not get, so leave it off for like-for-like comparisons
     global_tokens: tuple[str, ...] | None = None
     num_time_buckets: int = 40  # log2 buckets of seconds before the request (as STCA)
     num_rank_buckets: int = 24  # log2 buckets of recency rank (as STCA)
     head_hidden: int = 64
+    # target_product: the head also reads t * h (t = the normalised target vector, h = the "target" global
+    # token's final state), the explicit target x history cross STCA's tower has; None = on when "target"
+    # is a global token. aligned_init: every attention's key projection starts equal to its query projection
+    # and the target projection starts as the merge projection summed over slots, so the target's first-layer
+    # query starts out matching the merged tokens that hold the same item (issue 14's ablations: without
+    # both, LONGER did not learn to read the history; docs/RESULTS.md)
+    target_product: bool | None = None
+    aligned_init: bool = True
+    # layer 1's global queries attend to the merged history only, so the target's first read is of the history
+    # alone (it meets the other global tokens from layer 2 on); True: to the global tokens too (every token of
+    # the sequence, the paper's layout), where the target's query finds itself at least as well as any event
+    layer1_global_keys: bool = False
     dropout: float = 0.0
     mixed_precision: bool = False  # bf16 autocast on the input's device
     recompute: bool = False  # activation checkpointing of the merge and every attention layer
@@ -168,7 +182,7 @@ class LONGERConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.global_tokens is None:
             users = ("user", "target_x_user") if self.num_users > 0 else ()
-            self.global_tokens = ("target", "cls", *users, "target_x_history")
+            self.global_tokens = ("target", "cls", *users)
         self.global_tokens = tuple(self.global_tokens)
         for kind in self.global_tokens:
             if kind not in GLOBAL_TOKEN_KINDS:
@@ -177,6 +191,10 @@ class LONGERConfig:
                 raise ValueError(f"global token {kind!r} needs num_users > 0")
         if len(set(self.global_tokens)) != len(self.global_tokens):
             raise ValueError(f"global_tokens has duplicates: {self.global_tokens}")
+        if self.target_product is None:
+            self.target_product = "target" in self.global_tokens
+        elif self.target_product and "target" not in self.global_tokens:
+            raise ValueError("target_product=True needs the 'target' global token (or set target_product=False)")
         if self.length_sampler is not None and not isinstance(self.length_sampler, BetaLengthSampler):
             raise TypeError("length_sampler must be a BetaLengthSampler or None")
         Backend.parse(self.backend)
@@ -381,6 +399,14 @@ class TokenMerge(nn.Module):
         self.proj = nn.Linear(width, cfg.d_model) if width != cfg.d_model else nn.Identity()
         _zero_bias(self.proj)
 
+    def item_projection(self) -> torch.Tensor:
+        """[d_model, d]: where one item vector lands in the merged space, summed over the slots it may take
+        (mean: the projection itself); the target projection's aligned init."""
+        weight = self.proj.weight if isinstance(self.proj, nn.Linear) else torch.eye(self.d_model)
+        if self.mode == "mean":
+            return weight.clone()
+        return weight.unflatten(1, (self.merge_size, -1)).sum(1)
+
     def forward(self, groups, slot_valid):
         if groups.shape[0] == 0:
             return groups.new_zeros(0, self.d_model)
@@ -464,6 +490,7 @@ class HybridCrossLayer(nn.Module):
         d = cfg.d_model
         self.backend = cfg.backend
         self.heads = cfg.n_heads
+        self.global_keys = cfg.layer1_global_keys
         self.norm1 = nn.LayerNorm(d)
         self.query = nn.Linear(d, d)
         self.key_value = nn.Linear(d, 2 * d)
@@ -507,9 +534,8 @@ class HybridCrossLayer(nn.Module):
         to_globals = _partial_attention(cache.recent_query[request_index], gk, gv, recent_valid[:, None, :, None])
         recent = _merge_partials(cache.recent_partial.index(request_index), to_globals)
         # global rows: own global keys + the request's merged keys (grouped per request: no copy of the cache)
-        own = _partial_attention(gq, gk, gv)
         merged = self._globals_to_merged(gq, cache, cand_offsets)
-        glob = _merge_partials(own, merged)
+        glob = _merge_partials(_partial_attention(gq, gk, gv), merged) if self.global_keys else merged
         attended = torch.cat([glob.finish(), recent.finish()], dim=-2).to(global_tokens.dtype)  # [C, H, m + Q, Dh]
         x = torch.cat([global_tokens, cache.recent_state[request_index].to(global_tokens.dtype)], dim=1)
         return self._finish(x, _merge_heads(attended))
@@ -537,13 +563,17 @@ class HybridCrossLayer(nn.Module):
 
         return _Partial(unpad(part.row_max), unpad(part.denom), unpad(part.numer))
 
-    def forward_dense(self, queries, keys, mask):
-        """Plain masked attention (reference path): queries [C, Tq, d], keys [C, Tk, d], mask [C, 1, Tq, Tk]."""
+    def forward_dense(self, queries, keys, mask, keyless_rows=None):
+        """Plain masked attention (reference path): queries [C, Tq, d], keys [C, Tk, d], mask [C, 1, Tq, Tk];
+        keyless_rows [C, Tq] bool: rows whose attention output is zero (they see no key; the fast path's rule)."""
         q = _split_heads(self.query(self.norm1(queries)), self.heads)
         k, v = (_split_heads(t, self.heads) for t in self.key_value(self.norm1(keys)).chunk(2, dim=-1))
         if q.shape[-2] == 0:
             return queries
-        return self._finish(queries, _merge_heads(_sdpa(q, k, v, mask)))
+        attended = _merge_heads(_sdpa(q, k, v, mask))
+        if keyless_rows is not None:
+            attended = attended.masked_fill(keyless_rows.unsqueeze(-1), 0.0)
+        return self._finish(queries, attended)
 
     def _finish(self, x, attended):
         x = x + self.dropout(self.out(attended))
@@ -582,9 +612,11 @@ class LONGERModel(RankingModel):
             SelfAttentionBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.n_layers - 1)
         )
         self.final_norm = nn.LayerNorm(d)
-        head_in = cfg.num_global_tokens * d + d + cfg.token_dim
-        # m + 2 concatenated unit-RMS vectors, scaled by 1/sqrt(m + 2); the init compensates (module docstring)
-        self.head_input_scale = (cfg.num_global_tokens + 2) ** -0.5
+        self.target_index = cfg.global_tokens.index("target") if cfg.target_product else None
+        head_in = cfg.num_global_tokens * d + d + cfg.token_dim + (d if cfg.target_product else 0)
+        # m + 2 (+ 1) concatenated unit-RMS vectors, scaled by 1/sqrt(m + 2 (+ 1)); the init compensates (module
+        # docstring)
+        self.head_input_scale = (cfg.num_global_tokens + 2 + bool(cfg.target_product)) ** -0.5
         # head[:2] is the hidden layer (what a headless model returns), head[2] the task logits
         self.head = nn.Sequential(nn.Linear(head_in, cfg.head_hidden), nn.GELU())
         with torch.no_grad():
@@ -592,6 +624,18 @@ class LONGERModel(RankingModel):
         if cfg.num_tasks:
             self.head.append(nn.Linear(cfg.head_hidden, cfg.num_tasks))
         self.hidden_dim = cfg.head_hidden
+        if cfg.aligned_init:
+            self._align_init()
+
+    @torch.no_grad()
+    def _align_init(self):
+        """Keys start equal to queries, and the target vector starts in the merged tokens' item subspace."""
+        blocks = [self.layer1, *self.self_layers, *(self.merge.inner if self.cfg.merge_mode == "inner" else ())]
+        for block in blocks:
+            width = block.query.weight.shape[0]
+            block.key_value.weight[:width].copy_(block.query.weight)
+        if self.target_proj is not None:
+            self.target_proj.weight.copy_(self.merge.item_projection())
 
     # ---- public API
 
@@ -628,7 +672,7 @@ class LONGERModel(RankingModel):
                                        cand_offsets)
             recent_valid = cache.recent_valid[request_index]
             x = self._self_layers(x, recent_valid)
-            return self._head(x, recent_valid, target_emb, hidden).float()
+            return self._head(x, recent_valid, target_emb, global_tokens, hidden).float()
 
     def forward_reference(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time,
                           cand_item_ids, cand_offsets, user_ids=None, hidden: bool = False):
@@ -655,16 +699,20 @@ class LONGERModel(RankingModel):
                 key_pos.view(1, 1, -1) <= recent_pos.unsqueeze(-1),
             ], dim=-1)
             recent_sees = (recent_sees & recent_valid.unsqueeze(-1))[request_index]  # [C, Q, m + P]
-            row_rule = torch.cat([key_valid.new_ones(num_cand, m, keys.shape[1]), recent_sees], dim=1)
+            global_sees = key_valid.new_ones(num_cand, m, keys.shape[1])
+            if not self.cfg.layer1_global_keys:
+                global_sees[:, :, :m] = False
+            row_rule = torch.cat([global_sees, recent_sees], dim=1)
             mask = row_rule & key_valid.unsqueeze(1)
-            # padded recent rows (outside every real row) see key 0 only, to stay finite
+            # rows that see no key (padded recent rows; global rows of an empty history without global keys) attend
+            # to key 0 only, to stay finite, and their output is zeroed as the fast path gives it
             empty_rows = ~mask.any(-1, keepdim=True)
             first_key = torch.zeros_like(mask)
             first_key[..., :1] = True
             mask = (mask | (empty_rows & first_key)).unsqueeze(1)  # [C, 1, m + Q, m + P]
-            x = self.layer1.forward_dense(queries, keys, mask)
+            x = self.layer1.forward_dense(queries, keys, mask, keyless_rows=empty_rows.squeeze(-1))
             x = self._self_layers(x, recent_valid[request_index])
-            return self._head(x, recent_valid[request_index], target_emb, hidden).float()
+            return self._head(x, recent_valid[request_index], target_emb, global_tokens, hidden).float()
 
     # ---- pieces
 
@@ -767,12 +815,17 @@ class LONGERModel(RankingModel):
             x = self._maybe_checkpoint(layer, x, mask)
         return x
 
-    def _head(self, x, recent_valid, target_emb, hidden=False):
+    def _head(self, x, recent_valid, target_emb, global_tokens, hidden=False):
+        """x [C, m + Q, d] final states, global_tokens [C, m, d] the stack's input (for target_product)."""
         x = self.final_norm(x)
         m = x.shape[1] - recent_valid.shape[1]
         weight = recent_valid.unsqueeze(-1).to(x.dtype)
         recent_mean = (x[:, m:] * weight).sum(1) / weight.sum(1).clamp(min=1)  # [C, d]
-        features = torch.cat([x[:, :m].flatten(1), recent_mean, target_emb.to(x.dtype)], dim=-1)
+        parts = [x[:, :m].flatten(1), recent_mean, target_emb.to(x.dtype)]
+        if self.target_index is not None:
+            i = self.target_index
+            parts.append(x[:, i] * global_tokens[:, i].to(x.dtype))
+        features = torch.cat(parts, dim=-1)
         features = features * self.head_input_scale
         return self.head[:2](features) if hidden else self.head(features)
 
@@ -893,12 +946,12 @@ def longer_flops_breakdown(cfg: LONGERConfig, history_len: int, candidates_per_r
     layer1_candidates = n_cand * (
         6 * m * d ** 2  # Q, K, V of the global tokens
         + 4 * recent * m * d  # recent queries -> global keys
-        + 4 * m * (m + groups) * d  # global queries -> global and merged keys
+        + 4 * m * (m * cfg.layer1_global_keys + groups) * d  # global queries -> (global and) merged keys
         + (2 + 4 * f) * (m + recent) * d ** 2  # output projection and FFN of every query row
     )
     rows = m + recent
     self_layers = (cfg.n_layers - 1) * n_cand * ((8 + 4 * f) * rows * d ** 2 + 4 * rows ** 2 * d)
-    head_in = m * d + d + t
+    head_in = m * d + d + t + (d if cfg.target_product else 0)
     head = n_cand * (2 * head_in * cfg.head_hidden + 2 * cfg.head_hidden * cfg.num_tasks)
     return {"merge": merge, "global_tokens": global_tokens, "layer1_request": layer1_request,
             "layer1_candidates": layer1_candidates, "self_layers": self_layers, "head": head}
