@@ -37,7 +37,9 @@ Sequence and hybrid attention. Per candidate, the token order is
 The query set is [ g_1 .. g_m | s_{G-k'+1} .. s_G ] with k' = min(k, G) (all G when k is None).
 Layer 1 is cross attention from the queries to all m + G tokens; layers 2..N are self-attention among the
 m + k' query tokens only. Masks (True = may attend), one rule for every layer, over that layer's keys:
-    global query g_i   -> every global token and every merged token (global tokens see everything);
+    global query g_i   -> every global token and every merged token (global tokens see everything), except
+                          in layer 1, where by default it sees the merged tokens only (layer1_global_keys:
+                          there its query would find itself before any event; docs/RESULTS.md, issue 14);
     merged query s_j   -> every global token and the merged tokens s_i with i <= j (never a newer one).
 Consequences (tested): an older group s_i (not among the k' newest) is only a key/value of layer 1, yet it
 reaches the output through every layer-1 query; a merged token depends only on the events of its own
