@@ -7,7 +7,7 @@ etl/ folder of a ranking run) and shared. Two engines train the same model on th
   t4r    the job's own path, tr.Trainer over the request loader (needs the Merlin stack);
   torch  a plain loop (Adam, the same shuffled batches of requests, BCE per task) over RequestBatch tensors,
          for the GPU machine, which cannot install Transformers4Rec; it reads the parquet with pyarrow only.
-Writes ablation.json and ablation.md (training loss first/last epoch, click AUC at each evaluation length).
+Writes ablation.json and report.md (training loss first/last epoch, click AUC at each evaluation length).
 
     python examples/ranking_ablation.py --out runs/longer-ablation --etl runs/ranking/etl   # every variant
     python examples/ranking_ablation.py --arch ultra-hstu --engine torch --etl etl --out out --variant base
@@ -90,7 +90,7 @@ VARIANTS = {
         "base": ("the job's mean pooling", {}, {}),
     },
     "din": {
-        "base": ("DIN with the library defaults", {}, {}),
+        "base": ("the job's DIN (d_model 32, MLP 64, 32)", {}, {}),
     },
 }
 
@@ -174,6 +174,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", help="repeatable; default every variant of --arch")
     parser.add_argument("--engine", choices=("t4r", "torch"), default="t4r")
     parser.add_argument("--device", default="cuda", help="torch engine: cuda (when available) or cpu")
+    parser.add_argument("--quick", action="store_true", help="the job's tiny preset (a smoke run)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, action="append", help="repeatable; default 0")
     parser.add_argument("--etl", help="reuse the etl/ folder of an earlier ranking run (same data and seed)")
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
     from merlin_longseq.jobs import job_scope
     from merlin_longseq.jobs.ranking import RankingJobConfig
 
-    base = RankingJobConfig(archs=(args.arch,), progress=False)
+    base = (RankingJobConfig.quick if args.quick else RankingJobConfig)(archs=(args.arch,), progress=False)
     if args.epochs:
         base = dataclasses.replace(base, epochs=args.epochs)
     device = torch.device(args.device if args.device == "cpu" or torch.cuda.is_available() else "cpu")
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
                 with open(results_path, "w") as f:
                     json.dump(rows, f, indent=1, default=str)
     lengths = [k for k in rows[0] if k.startswith("auc@")] if rows else []
-    with open(os.path.join(args.out, "ablation.md"), "w") as f:
+    with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("| arch | variant | engine | seed | what | loss first -> last | " + " | ".join(lengths) + " |\n")
         f.write("|---|---|---|---|---|---|" + "---|" * len(lengths) + "\n")
         for r in rows:

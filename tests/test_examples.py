@@ -21,6 +21,11 @@ CASES = {
         ("hstu", ["--quick", "--arch", "hstu"], None),
         ("xlnet", ["--quick", "--arch", "xlnet"], None),
     ],
+    "ranking_ablation.py": [
+        ("t4r", ["--quick", "--out", "{out}", "--variant", "before", "--variant", "job"], "ablation.json"),
+        ("torch", ["--quick", "--engine", "torch", "--device", "cpu", "--arch", "ultra-hstu", "--variant", "base",
+                   "--out", "{out}"], "ablation.json"),
+    ],
     "movielens.py": [
         ("next-item", ["next-item", "--quick", "--out", "{out}"], "movielens_next_item.json"),
         ("ranking", ["ranking", "--quick", "--out", "{out}"], "movielens_ranking.json"),

@@ -62,6 +62,7 @@ def _default_arch_options() -> dict:
     return {
         "stca": dict(d_model=32, n_heads=2, n_layers=2, mlp_dims=(64, 32)),
         "mean-pool": dict(d_model=32, mlp_dims=(64, 32)),
+        "din": dict(d_model=32, mlp_dims=(64, 32)),
         # issue 14's ablations (docs/RESULTS.md): merged tokens of 2 events x 16 dims (d_model 32, as STCA's), one
         # hybrid layer; the second (self-attention) layer and narrower event tokens kept it from reading the history
         "longer": dict(token_dim=16, merge_size=2, n_heads=2, n_layers=1, num_recent_queries=16, head_hidden=64),
