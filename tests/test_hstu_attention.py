@@ -287,3 +287,10 @@ def test_reference_splits_long_batches_without_changing_the_result(monkeypatch):
     whole = ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options)
     monkeypatch.setattr(ref, "_PADDED_SCORES_BUDGET", 2 * 30 * 30)  # one sequence per group
     torch.testing.assert_close(ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options), whole)
+    monkeypatch.undo()
+    # ragged: sum L^2 = 1,998 < half of 5 x 30^2, so past the minimum length it runs sequence by sequence
+    monkeypatch.setattr(ref, "_RAGGED_MIN_LEN", 8)
+    calls, inner = [], ref.pytorch_hstu_attention
+    monkeypatch.setattr(ref, "pytorch_hstu_attention", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    torch.testing.assert_close(ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options), whole)
+    assert len(calls) == 1 + len(lengths)  # the call, then one per sequence

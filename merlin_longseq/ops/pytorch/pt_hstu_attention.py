@@ -26,6 +26,8 @@ from merlin_longseq.jagged import jagged_to_padded, lengths_from_offsets, padded
 
 # elements of the padded [B, H, S, S] score block above which the reference splits the batch (about 256 MiB fp32)
 _PADDED_SCORES_BUDGET = 1 << 26
+# longest sequence from which a ragged batch runs sequence by sequence (below it the loop costs more than padding)
+_RAGGED_MIN_LEN = 256
 
 
 def hstu_position_buckets(distance: torch.Tensor, num_buckets: int) -> torch.Tensor:
@@ -117,10 +119,14 @@ def pytorch_hstu_attention(
     if q.shape[0] == 0 or batch_max == 0:
         return v * 0  # empty, but still in the autograd graph so a loss over it can backpropagate
     batch = lengths.numel()
-    if batch > 1 and batch * q.shape[1] * batch_max * batch_max > _PADDED_SCORES_BUDGET:
+    padded = batch * batch_max * batch_max
+    # ragged long sequences (length-extrapolation windows: a few long, most short): the padded block does
+    # mostly wasted work, so each sequence runs alone once padding would more than double the score entries
+    ragged = batch_max >= _RAGGED_MIN_LEN and 2 * int((lengths * lengths).sum()) < padded
+    if batch > 1 and (ragged or padded * q.shape[1] > _PADDED_SCORES_BUDGET):
         # long sequences: the padded [B, H, S, S] block would take gigabytes; the same computation per group
         # of sequences keeps it bounded (each sequence's output depends on that sequence only)
-        per_group = max(1, _PADDED_SCORES_BUDGET // (q.shape[1] * batch_max * batch_max))
+        per_group = 1 if ragged else max(1, _PADDED_SCORES_BUDGET // (q.shape[1] * batch_max * batch_max))
         outs = []
         for start in range(0, batch, per_group):
             stop = min(batch, start + per_group)
