@@ -3,6 +3,7 @@
     python3 benchmarks/bench_kernels.py                  # needs a CUDA GPU; prints tables, writes JSON + plot
     python3 benchmarks/bench_kernels.py --out DIR        # where bench_kernels.json / bench_kernels.png go
     python3 benchmarks/bench_kernels.py --plot-from F    # redraw the plot from a saved JSON (no GPU needed)
+    python3 benchmarks/bench_kernels.py --only peer --peer ../shared/peer   # ours vs the peer kernel, issue 15's grid
 
 HSTU pointwise attention (bf16, H = 4 heads x D = 64):
   forward FLOPs = 4 * D * H * (attended pairs): two matmuls of 2 FLOP per multiply-add. Causal counts half the
@@ -12,6 +13,9 @@ HSTU pointwise attention (bf16, H = 4 heads x D = 64):
 Target-to-history cross attention (STCA, RLB; bf16, H = 4 x D = 64): effective K/V read = bytes of the real
   history keys and values / forward time (each read once). Padded SDPA pads both sides to the longest request.
 Times: medians of triton.testing.do_bench (CUDA events) after warm-up; autotuning happens during warm-up.
+Per-call floor (--only floor): microseconds of one forward of each kernel at a tiny shape (one sequence of 64
+  tokens: next to no GPU work), host launch path included, the median over many calls each followed by a CUDA
+  sync; the kernel entry with and without a gradient to track, and the op dispatcher (check_inputs=False).
 """
 import argparse
 import json
@@ -413,6 +417,120 @@ def bench_memory(results, quick):
     results["memory"] = rows
 
 
+def bench_launch_floor(results, quick):
+    """Per-call floor of every kernel's forward at B = 1, L = 64 (bf16): median microseconds per call, each call
+    followed by torch.cuda.synchronize(), after a warm-up that compiles and autotunes."""
+    import statistics
+
+    import torch
+
+    from merlin_longseq.kernels.triton_group_attention import triton_group_attention
+    from merlin_longseq.kernels.triton_history_projection import triton_history_projection
+    from merlin_longseq.kernels.triton_hstu_attention import triton_hstu_attention
+    from merlin_longseq.kernels.triton_target_attention import triton_target_attention
+    from merlin_longseq.ops.group_attention import group_attention
+    from merlin_longseq.ops.history_projection import history_projection
+    from merlin_longseq.ops.hstu_attention import hstu_attention
+    from merlin_longseq.ops.target_attention import target_attention
+
+    dt, dev, n = torch.bfloat16, "cuda", 64
+    calls = 300 if quick else 3000
+
+    def tensor(*shape, grad=False):
+        return torch.randn(*shape, device=dev, dtype=dt).requires_grad_(grad)
+
+    def floor_us(fn, grad):
+        with torch.enable_grad() if grad else torch.no_grad():
+            for _ in range(20):  # compile, autotune, fill the per-bucket caches
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e6
+
+    offsets = torch.tensor([0, n], device=dev)
+    q_off = torch.tensor([0, 8], device=dev)
+    valid = torch.ones(n // 4, 4, dtype=torch.bool, device=dev)
+    weights = [torch.randn(*s, device=dev, dtype=dt) * 0.1 for s in ((256, 64), (64, 128), (64,), (64,), (128, 64))]
+
+    def cases(grad):
+        q, k, v = (tensor(n, HEADS, DIM, grad=grad) for _ in range(3))
+        qt = tensor(8, HEADS, DIM, grad=grad)
+        qg, kg, vg = (tensor(n // 4, 4, 1, 32, grad=grad) for _ in range(3))
+        x = tensor(n, 64, grad=grad)
+        yield "hstu_attention", "kernel", lambda: triton_hstu_attention(q, k, v, offsets, n, 1.0 / DIM)
+        yield "target_attention", "kernel", lambda: triton_target_attention(qt, k, v, q_off, offsets,
+                                                                             max_history_len=n, max_targets=8)
+        yield "group_attention", "kernel", lambda: triton_group_attention(qg, kg, vg, valid)
+        yield "history_projection", "kernel", lambda: triton_history_projection(x, *weights, residual=True,
+                                                                               eps=1e-5, num_heads=2)
+        if not grad:
+            yield "hstu_attention", "dispatcher", lambda: hstu_attention(q, k, v, offsets, n, 1.0 / DIM,
+                                                                         backend="triton", check_inputs=False)
+            yield "target_attention", "dispatcher", lambda: target_attention(
+                qt, k, v, q_off, offsets, max_history_len=n, max_targets=8, backend="triton", check_inputs=False)
+            yield "group_attention", "dispatcher", lambda: group_attention(qg, kg, vg, valid, backend="triton",
+                                                                           check_inputs=False)
+            yield "history_projection", "dispatcher", lambda: history_projection(
+                x, *weights, num_heads=2, backend="triton", check_inputs=False)
+
+    empty = torch.empty(1, device=dev)
+    rows = [dict(kernel="(sync only)", path="-", grad=False, us=floor_us(torch.cuda.synchronize, False)),
+            dict(kernel="(one tiny torch op)", path="-", grad=False, us=floor_us(lambda: empty.add_(1), False))]
+    for grad in (False, True):
+        for kernel, path, fn in cases(grad):
+            rows.append(dict(kernel=kernel, path=path, grad=grad, us=floor_us(fn, grad)))
+    for row in rows:
+        print(f"floor {row['kernel']:<20} {row['path']:<10} {'grad' if row['grad'] else 'no grad':<7}: "
+              f"{row['us']:7.1f} us/call", flush=True)
+    results["launch_floor"] = rows
+
+
+PEER_GRID = (  # issue 15's grid: (case, lengths) with lengths drawn once, seed 0
+    ("dense B16 L4096", lambda g: [4096] * 16), ("dense B4 L8192", lambda g: [8192] * 4),
+    ("dense B64 L1024", lambda g: [1024] * 64), ("dense B256 L256", lambda g: [256] * 256),
+    ("ragged B16 U(1,4096)", lambda g: _uniform(g, 16, 4096)), ("ragged B64 U(1,2048)", lambda g: _uniform(g, 64, 2048)),
+    ("ragged B512 U(1,512)", lambda g: _uniform(g, 512, 512)), ("ragged B8 U(1,16384)", lambda g: _uniform(g, 8, 16384)),
+)
+
+
+def _uniform(gen, batch, high):
+    import torch
+    return torch.randint(1, high + 1, (batch,), generator=gen).tolist()
+
+
+def bench_peer(results, quick, peer_path):
+    """Ours vs generative-recommenders' Triton HSTU kernel (read from peer_path, never copied into the repository)
+    on the same inputs: plain causal SiLU attention, no bias; forward and forward + backward; ratio = peer / ours."""
+    import torch
+    import merlin_longseq.kernels.triton_hstu_attention as tk
+
+    sys.path.insert(0, os.path.abspath(peer_path))
+    from generative_recommenders.ops.triton.triton_hstu_attention import triton_hstu_mha
+
+    rows = results.setdefault("peer", [])
+    print(f"\n## HSTU attention: ours vs the peer kernel ({peer_path}), bf16, H={HEADS}, D={DIM}")
+    print(f"{'case':24s} {'ours fwd':>9s} {'peer fwd':>9s} {'ratio':>6s} {'ours f+b':>9s} {'peer f+b':>9s} {'ratio':>6s}")
+    grid = PEER_GRID[:2] + PEER_GRID[4:5] if quick else PEER_GRID
+    for case, make in grid:
+        lengths = make(torch.Generator().manual_seed(0))
+        q, k, v, offsets, max_len, _ = hstu_inputs(lengths)
+        grad = torch.randn_like(q)
+        ours = time_fwd_bwd(lambda: tk.triton_hstu_attention(q, k, v, offsets, max_len, ALPHA), [q, k, v], grad)
+        peer = time_fwd_bwd(lambda: triton_hstu_mha(max_len, ALPHA, q, k, v, offsets), [q, k, v], grad)
+        row = dict(case=case, ours_fwd_ms=ours[0], peer_fwd_ms=peer[0], ours_fwd_bwd_ms=ours[1],
+                   peer_fwd_bwd_ms=peer[1], fwd_ratio=peer[0] / ours[0], fwd_bwd_ratio=peer[1] / ours[1])
+        rows.append(row)
+        print(f"{case:24s} {ours[0]:9.3f} {peer[0]:9.3f} {row['fwd_ratio']:6.2f} {ours[1]:9.3f} {peer[1]:9.3f} "
+              f"{row['fwd_bwd_ratio']:6.2f}", flush=True)
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+
+
 def ceilings(results):
     import torch
     from triton.testing import do_bench
@@ -453,7 +571,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON and the plot")
     parser.add_argument("--quick", action="store_true", help="fewer cases and sweep points")
-    parser.add_argument("--only", choices=["hstu", "target", "semi", "memory"], help="run one part of the benchmark")
+    parser.add_argument("--peer", help="folder holding generative_recommenders/ (e.g. ../shared/peer): also time "
+                        "its Triton HSTU kernel beside ours on issue 15's grid")
+    parser.add_argument("--only", choices=["hstu", "target", "semi", "memory", "floor", "peer"],
+                        help="run one part of the benchmark")
     parser.add_argument("--plot-from", help="redraw the plot from this JSON and exit")
     args = parser.parse_args()
     if args.plot_from:
@@ -472,7 +593,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_kernels.json")
     for name, fn in (("target", bench_target_attention), ("hstu", bench_hstu), ("semi", bench_semi_local),
-                     ("memory", bench_memory)):
+                     ("memory", bench_memory), ("floor", bench_launch_floor),
+                     ("peer", lambda r, q: bench_peer(r, q, args.peer) if args.peer else None)):
         if args.only in (None, name):
             fn(results, args.quick)
             with open(path, "w") as f:  # after each part: a later crash keeps what was measured

@@ -65,7 +65,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--backend", default="auto", help="STCA attention backend: auto | triton | pytorch")
-    parser.add_argument("--arch", action="append", choices=["stca", "longer"])
+    parser.add_argument("--arch", action="append", choices=["stca", "longer", "ultra-hstu"])
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top operators (host and device time) of one call per arch")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     request = one_request(args.history, args.candidates, args.num_items)
@@ -82,6 +84,24 @@ def main(argv=None) -> None:
         for label, scorer, use_cache in (("none", plain, False), ("hit", cached, True)):
             ms = timed(lambda: scorer.score(request, use_cache=use_cache), args.repeats, args.warmup)
             print(f"{arch:11s} {label:8s} {np.percentile(ms, 50):9.2f} {np.percentile(ms, 99):9.2f}")
+            if args.profile:
+                profile(lambda: scorer.score(request, use_cache=use_cache), f"{arch} cache={label}")
+
+
+def profile(fn, title: str, rows: int = 12) -> None:
+    """Where one call's time goes: the operators with the most host (self CPU) time, then device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+    averages = prof.key_averages()
+    print(f"--- profile: {title} (3 calls)")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    if torch.cuda.is_available():
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=60))
 
 
 if __name__ == "__main__":

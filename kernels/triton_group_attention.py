@@ -21,7 +21,8 @@ Supports
                (KP^2 * DP <= _BCAST_BUDGET = 4096 elements per group: K <= 8 at Dh <= 64);
     the default is "dot", or MERLIN_LONGSEQ_GA_VARIANT (dot | bcast) as set when this module is imported;
   - torch.library custom ops merlin_longseq::group_attention_fwd / _bwd with autograd and fake
-    implementations, so torch.compile traces around them.
+    implementations (_common.KernelOp), so torch.compile traces around them; eager calls launch directly, and
+    a repeated (dtype, K, Dh, variant) skips the checks and the autotuner (_common.Launcher).
 GPUs tested: none yet (written for H100, bf16). Every kept config of both variants compiles for sm_90 (checked
 without a GPU through triton 3.9's ptxas: no register spills; the fp32 "dot" tiles of 128 rows and "bcast"
 tiles of 64 products per thread spilled and are pruned). CPU through TRITON_INTERPRET=1, fp32.
@@ -32,6 +33,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (KernelOp, Launcher, autotune_off, block_d, cdiv, config, dot_precision, interpret_configs,
+                      interpreting, last_dim_contiguous, next_pow2, set_interpret_tiles)
 
 _LOG2E = 1.4426950408889634
 VARIANTS = ("dot", "bcast")
@@ -46,10 +50,6 @@ _BCAST_BUDGET = 4096
 _INTERPRET = {"ROWS": 16}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # read once at import, so a torch.compile'd caller sees a constant instead of an environment lookup
 _DEFAULT_VARIANT = os.environ.get("MERLIN_LONGSEQ_GA_VARIANT", "dot")
 
@@ -62,7 +62,7 @@ def _default_variant() -> str:
 
 def _cfg(rows, warps):
     # ROWS: the rows (group slots) a program owns; _prune turns it into BLOCK_G whole groups
-    return triton.Config({"ROWS": rows}, num_warps=warps, num_stages=1)
+    return config(warps, 1, ROWS=rows)
 
 
 # The problem is memory-bound (K = 4, Dh = 32, bf16: 512 FLOPs per row and head against 256 bytes of q, k, v
@@ -89,10 +89,10 @@ def _fits(variant: str, rows: int, kp: int, dp: int, warps: int, prec: str) -> b
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     variant, kp, dp, prec = args["VARIANT"], args["KP"], args["DP"], args["PREC"]
-    if _interpreting():
-        configs = [_cfg(_INTERPRET["ROWS"], 4)]
+    if interpreting():
+        configs = interpret_configs(_INTERPRET)
     else:
-        if os.environ.get("MERLIN_LONGSEQ_GA_AUTOTUNE", "1") == "0":
+        if autotune_off("MERLIN_LONGSEQ_GA_AUTOTUNE"):
             configs = configs[:1]
         configs = [c for c in configs if _fits(variant, c.kwargs["ROWS"], kp, dp, c.num_warps, prec)] or \
             [_cfg(32, 8 if variant == "bcast" else 2)]  # nothing fits: the smallest tile (most warps for bcast)
@@ -101,16 +101,13 @@ def _prune(configs, named_args, **kwargs):
         block_g = _groups_per_program(variant, c.kwargs["ROWS"], kp, dp, c.num_warps)
         if (block_g, c.num_warps) not in seen:
             seen.add((block_g, c.num_warps))
-            kept.append(triton.Config({"BLOCK_G": block_g, "ROWS": block_g * kp}, num_warps=c.num_warps,
-                                      num_stages=1))
+            kept.append(config(c.num_warps, 1, BLOCK_G=block_g, ROWS=block_g * kp))
     return kept
 
 
 def _set_interpret_rows(rows: int) -> None:
-    """Test hook: the interpreter's rows per program (clears the autotune caches)."""
-    _INTERPRET["ROWS"] = rows
-    for kernel in (_ga_fwd_kernel, _ga_bwd_kernel):
-        kernel.cache.clear()
+    """Test hook: the interpreter's rows per program (clears the autotune choices)."""
+    set_interpret_tiles(_INTERPRET, (_FWD, _BWD), ROWS=rows)
 
 
 _KEY = ["K", "D", "KP", "DP", "VARIANT"]
@@ -291,28 +288,40 @@ def _ga_bwd_kernel(Q, Kx, V, Valid, DO, DQ, DK, DV, G,
 # ---------------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------------
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _prec(x: torch.Tensor) -> str:
-    # fp32: three tf32 passes (near-fp32 accuracy on the tensor cores; "ieee" falls off them)
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
+_FWD = Launcher(_ga_fwd_kernel)
+_BWD = Launcher(_ga_bwd_kernel)
 
 
 def _padded_dims(slots: int, head_dim: int, variant: str) -> tuple[int, int]:
     # the bcast tiles keep a slot axis of at least 2 (a size-1 axis buys nothing and is a rarer layout)
-    kp = triton.next_power_of_2(slots) if variant == "dot" else max(2, triton.next_power_of_2(slots))
-    return kp, max(16, triton.next_power_of_2(head_dim))
+    kp = next_pow2(slots) if variant == "dot" else max(2, next_pow2(slots))
+    return kp, block_d(head_dim)
 
 
 def check_supported(q: torch.Tensor, variant: str) -> None:
     """ValueError when the kernel cannot run this shape / variant (the dispatcher calls it first)."""
+    _constexprs(q, variant)
+
+
+# (dtype, K, Dh, variant) -> the kernels' constexprs, for the inputs that passed the checks once. A plain dict,
+# not lru_cache: torch.compile traces check_supported, and reads a dict without a warning.
+_CONSTEXPRS: dict = {}
+
+
+def _constexprs(q: torch.Tensor, variant: str) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton group attention takes float32, bfloat16 or float16, got {q.dtype}")
-    slots, head_dim = q.shape[1], q.shape[3]
+    key = (q.dtype, q.shape[1], q.shape[3], variant)
+    if torch.compiler.is_compiling():  # traced, where shapes may be symbolic: checked, not memoised
+        return _checked_constexprs(*key)
+    if key not in _CONSTEXPRS:
+        _CONSTEXPRS[key] = _checked_constexprs(*key)
+    return _CONSTEXPRS[key]
+
+
+def _checked_constexprs(dtype: torch.dtype, slots: int, head_dim: int, variant: str) -> dict:
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton group attention takes float32, bfloat16 or float16, got {dtype}")
     if not 1 <= slots <= MAX_SLOTS:
         raise ValueError(f"the Triton group attention takes K = 1..{MAX_SLOTS} slots per group, got K={slots}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -321,77 +330,62 @@ def check_supported(q: torch.Tensor, variant: str) -> None:
     if variant == "bcast" and kp * kp * dp > _BCAST_BUDGET:
         raise ValueError(f"variant 'bcast' keeps KP^2 * DP = {kp * kp * dp} products per group in registers "
                          f"(limit {_BCAST_BUDGET}; K={slots}, Dh={head_dim}): use variant 'dot'")
-
-
-def _constexprs(q: torch.Tensor, variant: str) -> dict:
-    kp, dp = _padded_dims(q.shape[1], q.shape[3], variant)
-    return dict(K=q.shape[1], D=q.shape[3], KP=kp, DP=dp, VARIANT=variant, PREC=_prec(q))
+    return dict(K=slots, D=head_dim, KP=kp, DP=dp, VARIANT=variant, PREC=dot_precision(dtype))
 
 
 def _grid(groups: int, heads: int):
-    return lambda meta: (triton.cdiv(groups, meta["BLOCK_G"]), heads)
+    return lambda meta: (cdiv(groups, meta["BLOCK_G"]), heads)
 
 
-def _fwd_impl(q, k, v, slot_valid, scale, variant):
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    groups, _, heads, _ = q.shape
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_valid: torch.Tensor, scale: float,
+              variant: str) -> torch.Tensor:
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    groups, slots, heads, head_dim = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if groups == 0 or heads == 0:
         return out
     valid = slot_valid.view(torch.uint8)  # same bytes; Triton reads uint8 more predictably than bool
-    _ga_fwd_kernel[_grid(groups, heads)](
-        Q=q, Kx=k, V=v, Valid=valid, Out=out, G=groups,
-        stride_qg=q.stride(0), stride_qk=q.stride(1), stride_qh=q.stride(2),
-        stride_kg=k.stride(0), stride_kk=k.stride(1), stride_kh=k.stride(2),
-        stride_vg=v.stride(0), stride_vk=v.stride(1), stride_vh=v.stride(2),
-        stride_sg=valid.stride(0), stride_sk=valid.stride(1),
-        stride_og=out.stride(0), stride_ok=out.stride(1), stride_oh=out.stride(2),
-        scale_log2=float(scale) * _LOG2E, **_constexprs(q, variant))
+    # the bucket: the constexprs' key and the dtype of every tensor argument (the autotuner keys on them)
+    _FWD((q.device, q.dtype, k.dtype, v.dtype, slots, head_dim, variant), _grid(groups, heads),
+         Q=q, Kx=k, V=v, Valid=valid, Out=out, G=groups,
+         stride_qg=q.stride(0), stride_qk=q.stride(1), stride_qh=q.stride(2),
+         stride_kg=k.stride(0), stride_kk=k.stride(1), stride_kh=k.stride(2),
+         stride_vg=v.stride(0), stride_vk=v.stride(1), stride_vh=v.stride(2),
+         stride_sg=valid.stride(0), stride_sk=valid.stride(1),
+         stride_og=out.stride(0), stride_ok=out.stride(1), stride_oh=out.stride(2),
+         scale_log2=float(scale) * _LOG2E, **_constexprs(q, variant))
     return out
 
 
-def _bwd_impl(dout, q, k, v, slot_valid, scale, variant):
-    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
-    groups, _, heads, _ = q.shape
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_valid: torch.Tensor,
+              scale: float, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
+    groups, slots, heads, head_dim = q.shape
     # fresh contiguous gradients (what the fake implementation promises), whatever the inputs' strides
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
     if groups == 0 or heads == 0:
         return dq, dk, dv
     valid = slot_valid.view(torch.uint8)
-    _ga_bwd_kernel[_grid(groups, heads)](
-        Q=q, Kx=k, V=v, Valid=valid, DO=dout, DQ=dq, DK=dk, DV=dv, G=groups,
-        stride_qg=q.stride(0), stride_qk=q.stride(1), stride_qh=q.stride(2),
-        stride_kg=k.stride(0), stride_kk=k.stride(1), stride_kh=k.stride(2),
-        stride_vg=v.stride(0), stride_vk=v.stride(1), stride_vh=v.stride(2),
-        stride_sg=valid.stride(0), stride_sk=valid.stride(1),
-        stride_dog=dout.stride(0), stride_dok=dout.stride(1), stride_doh=dout.stride(2),
-        stride_gg=dq.stride(0), stride_gk=dq.stride(1), stride_gh=dq.stride(2),
-        scale=float(scale), scale_log2=float(scale) * _LOG2E, **_constexprs(q, variant))
+    _BWD((q.device, q.dtype, k.dtype, v.dtype, slots, head_dim, variant, dout.dtype), _grid(groups, heads),
+         Q=q, Kx=k, V=v, Valid=valid, DO=dout, DQ=dq, DK=dk, DV=dv, G=groups,
+         stride_qg=q.stride(0), stride_qk=q.stride(1), stride_qh=q.stride(2),
+         stride_kg=k.stride(0), stride_kk=k.stride(1), stride_kh=k.stride(2),
+         stride_vg=v.stride(0), stride_vk=v.stride(1), stride_vh=v.stride(2),
+         stride_sg=valid.stride(0), stride_sk=valid.stride(1),
+         stride_dog=dout.stride(0), stride_dok=dout.stride(1), stride_doh=dout.stride(2),
+         stride_gg=dq.stride(0), stride_gk=dq.stride(1), stride_gh=dq.stride(2),
+         scale=float(scale), scale_log2=float(scale) * _LOG2E, **_constexprs(q, variant))
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------------
 # custom ops (torch.compile traces around them) and autograd
 # ---------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("merlin_longseq::group_attention_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_valid: torch.Tensor, scale: float,
-            variant: str) -> torch.Tensor:
-    return _fwd_impl(q, k, v, slot_valid, scale, variant)
-
-
-@torch.library.custom_op("merlin_longseq::group_attention_bwd", mutates_args=())
-def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_valid: torch.Tensor,
-            scale: float, variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(dout, q, k, v, slot_valid, scale, variant)
-
-
-@_fwd_op.register_fake
-def _(q, k, v, slot_valid, scale, variant):
+def _fwd_fake(q, k, v, slot_valid, scale, variant):
     return q.new_empty(q.shape)
 
 
-@_bwd_op.register_fake
-def _(dout, q, k, v, slot_valid, scale, variant):
+def _bwd_fake(dout, q, k, v, slot_valid, scale, variant):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
@@ -401,13 +395,14 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (scale, variant)
 
 
-def _backward(ctx, dout):
+def _backward(ctx, bwd, dout):
     q, k, v, slot_valid = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, slot_valid, *ctx.params)
+    dq, dk, dv = bwd(dout, q, k, v, slot_valid, *ctx.params)
     return dq, dk, dv, None, None, None
 
 
-torch.library.register_autograd("merlin_longseq::group_attention_fwd", _backward, setup_context=_setup_context)
+_OP = KernelOp("group_attention", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _backward,
+               grad_inputs=(0, 1, 2))
 
 
 def triton_group_attention(
@@ -427,4 +422,4 @@ def triton_group_attention(
         scale = q.shape[-1] ** -0.5
     variant = _default_variant() if variant is None else variant
     check_supported(q, variant)
-    return _fwd_op(q, k, v, slot_valid, float(scale), variant)
+    return _OP(q, k, v, slot_valid, float(scale), variant)

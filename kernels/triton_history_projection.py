@@ -20,27 +20,27 @@ op re-runs the PyTorch reference under autograd and differentiates it, so the gr
 in the same dtype and the forward keeps no [N, h] activation alive. It is not fused: forward + backward costs
 the reference's forward + backward plus this kernel's forward.
 
-torch.library custom ops merlin_longseq::history_projection_fwd / _bwd with autograd registered, so
-torch.compile can trace them. GPUs tested: none yet (CPU through TRITON_INTERPRET=1, fp32); tile choices
+torch.library custom ops merlin_longseq::history_projection_fwd / _bwd with autograd registered (_common.KernelOp),
+so torch.compile can trace them; eager calls launch directly, and a repeated (dtypes, widths, row bucket) skips the
+autotuner (_common.Launcher). GPUs tested: none yet (CPU through TRITON_INTERPRET=1, fp32); tile choices
 come from the sm_90 compile report (registers and spills; see _CONFIGS_BY_WIDTH).
 """
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (KernelOp, Launcher, autotune_off, block_d, cdiv, config, dot_precision, last_dim_contiguous,
+                      pow2_bucket, pruner, set_interpret_tiles)
 
 MAX_D = 256  # the [BLOCK_M, d] fp32 accumulator lives in registers: wider models use the reference
 # Under TRITON_INTERPRET the tile sizes come from here (tests change them).
 _INTERPRET = {"BLOCK_M": 16, "BLOCK_H": 16, "BLOCK_O": 16}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _cfg(bm, bh, bo, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_H": bh, "BLOCK_O": bo}, num_warps=warps, num_stages=stages)
+    return config(warps, stages, BLOCK_M=bm, BLOCK_H=bh, BLOCK_O=bo)
 
 
 # Tile sets per (operand dtype, padded d), each led by the choice used with autotuning off. Chosen from the
@@ -60,22 +60,19 @@ _CONFIGS_BY_WIDTH = {
 _CONFIGS = [c for configs in _CONFIGS_BY_WIDTH.values() for c in configs]
 
 
-def _prune(configs, named_args, **kwargs):
-    if _interpreting():
-        return [_cfg(_INTERPRET["BLOCK_M"], _INTERPRET["BLOCK_H"], _INTERPRET["BLOCK_O"], 4, 1)]
-    args = {**named_args, **kwargs}
+def _fitting(configs, args):
     kind = "fp32" if args["PREC"] == "tf32x3" else "half"
     width = min(w for k, w in _CONFIGS_BY_WIDTH if k == kind and w >= args["BLOCK_D"])
     kept = _CONFIGS_BY_WIDTH[(kind, width)]
-    if os.environ.get("MERLIN_LONGSEQ_HP_AUTOTUNE", "1") == "0":
-        return kept[:1]
-    return kept
+    return kept[:1] if autotune_off("MERLIN_LONGSEQ_HP_AUTOTUNE") else kept
+
+
+_prune = pruner(_INTERPRET, _fitting)
 
 
 def _set_interpret_blocks(block_m: int, block_h: int, block_o: int) -> None:
-    """Test hook: the interpreter's tile sizes (clears the autotune cache)."""
-    _INTERPRET.update(BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_O=block_o)
-    _hp_fwd_kernel.cache.clear()
+    """Test hook: the interpreter's tile sizes (clears the autotune choice)."""
+    set_interpret_tiles(_INTERPRET, (_FWD,), BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_O=block_o)
 
 
 @triton.jit
@@ -146,54 +143,40 @@ def _hp_fwd_kernel(X, WGU, WD, LNW, LNB, WKV, K, V, n_rows, stride_xn, eps, n_bu
 # ---------------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------------
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+_FWD = Launcher(_hp_fwd_kernel)
 
 
-def _bucket(n: int) -> int:
-    # autotune key: powers of two clamped to [1K, 64K] rows, so varying batches re-tune at most a few times
-    return min(65536, max(1024, triton.next_power_of_2(max(n, 1))))
+@functools.lru_cache(maxsize=None)
+def _constexprs(bucket) -> dict:
+    """The kernel's arguments fixed by the bucket: computed once per bucket."""
+    _, dtype, _, d, hid, kv, residual, n_bucket = bucket
+    return dict(n_bucket=n_bucket, D=d, HID=hid, KV=kv, BLOCK_D=block_d(d), RESIDUAL=residual,
+                PREC=dot_precision(dtype))
 
 
-def _prec(x: torch.Tensor) -> str:
-    # fp32: three tf32 passes (near-fp32 accuracy on the tensor cores); bf16/fp16 ignore it
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
-
-
-def _fwd_impl(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads):
+def _fwd_impl(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ln_weight: torch.Tensor,
+              ln_bias: torch.Tensor, w_kv: torch.Tensor, residual: bool, eps: float,
+              num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     hid, kv = w_gate_up.shape[0] // 2, w_kv.shape[0] // 2
     k = torch.empty((n, num_heads, kv // num_heads), dtype=x.dtype, device=x.device)
     v = torch.empty_like(k)
     if n == 0:
         return k, v
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    w_gate_up, w_down, ln_weight, ln_bias, w_kv = (
-        t.contiguous() for t in (w_gate_up, w_down, ln_weight, ln_bias, w_kv))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-    _hp_fwd_kernel[grid](
-        X=x, WGU=w_gate_up, WD=w_down, LNW=ln_weight, LNB=ln_bias, WKV=w_kv, K=k, V=v, n_rows=n,
-        stride_xn=x.stride(0), eps=float(eps), n_bucket=_bucket(n), D=d, HID=hid, KV=kv, BLOCK_D=_block_d(d),
-        RESIDUAL=bool(residual), PREC=_prec(x))
+    x = last_dim_contiguous(x)
+    weights = tuple(t.contiguous() for t in (w_gate_up, w_down, ln_weight, ln_bias, w_kv))
+    # the bucket: all that the constexprs and the autotuner's key depend on (every tensor's dtype too)
+    bucket = (x.device, x.dtype, tuple(t.dtype for t in weights), d, hid, kv, bool(residual),
+              pow2_bucket(n, 1024, 65536))
+    _FWD(bucket, lambda meta: (cdiv(n, meta["BLOCK_M"]),),
+         X=x, WGU=weights[0], WD=weights[1], LNW=weights[2], LNB=weights[3], WKV=weights[4], K=k, V=v, n_rows=n,
+         stride_xn=x.stride(0), eps=float(eps), **_constexprs(bucket))
     return k, v
 
 
 # ---------------------------------------------------------------------------------------------------------
-# custom ops (torch.compile can trace them) and autograd
+# backward: recomputation in PyTorch
 # ---------------------------------------------------------------------------------------------------------
-@torch.library.custom_op("merlin_longseq::history_projection_fwd", mutates_args=())
-def _fwd_op(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ln_weight: torch.Tensor,
-            ln_bias: torch.Tensor, w_kv: torch.Tensor, residual: bool, eps: float,
-            num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads)
-
-
-@_fwd_op.register_fake
-def _(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads):
-    shape = (x.shape[0], num_heads, w_kv.shape[0] // (2 * num_heads))
-    return x.new_empty(shape), x.new_empty(shape)
-
-
 _BWD_CHUNK = 65536  # rows per backward step: the recomputed [rows, 2h] activations stay this size
 
 
@@ -232,11 +215,10 @@ def _bwd_rows(grad_kv, x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual,
     return d_x.to(x.dtype), (d_w_gate_up, d_w_down, d_ln_w, d_ln_b, d_w_kv)
 
 
-@torch.library.custom_op("merlin_longseq::history_projection_bwd", mutates_args=())
-def _bwd_op(grad_k: torch.Tensor, grad_v: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
-            w_down: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w_kv: torch.Tensor,
-            residual: bool, eps: float, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(grad_k: torch.Tensor, grad_v: torch.Tensor, x: torch.Tensor, w_gate_up: torch.Tensor,
+              w_down: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w_kv: torch.Tensor,
+              residual: bool, eps: float, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor, torch.Tensor, torch.Tensor]:
     # The forward kept no intermediates: recompute them block by block (so the extra memory is bounded by
     # _BWD_CHUNK rows, not N) and apply the gradient formulas; weight gradients accumulate in fp32.
     n, kv = x.shape[0], w_kv.shape[0] // 2
@@ -254,8 +236,15 @@ def _bwd_op(grad_k: torch.Tensor, grad_v: torch.Tensor, x: torch.Tensor, w_gate_
     return (d_x, *(total.to(w.dtype) for total, w in zip(totals, weights)))
 
 
-@_bwd_op.register_fake
-def _(grad_k, grad_v, x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads):
+# ---------------------------------------------------------------------------------------------------------
+# custom ops (torch.compile can trace them) and autograd
+# ---------------------------------------------------------------------------------------------------------
+def _fwd_fake(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads):
+    shape = (x.shape[0], num_heads, w_kv.shape[0] // (2 * num_heads))
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _bwd_fake(grad_k, grad_v, x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual, eps, num_heads):
     return tuple(torch.empty_like(t) for t in (x, w_gate_up, w_down, ln_weight, ln_bias, w_kv))
 
 
@@ -264,16 +253,17 @@ def _setup_context(ctx, inputs, output):
     ctx.params = inputs[6:]
 
 
-def _backward(ctx, grad_k, grad_v):
+def _backward(ctx, bwd, grad_k, grad_v):
     saved = ctx.saved_tensors
     x, w_kv = saved[0], saved[5]
     shape = (x.shape[0], ctx.params[2], w_kv.shape[0] // (2 * ctx.params[2]))
     grad_k = grad_k if grad_k is not None else x.new_zeros(shape)
     grad_v = grad_v if grad_v is not None else x.new_zeros(shape)
-    return (*_bwd_op(grad_k, grad_v, *saved, *ctx.params), None, None, None)
+    return (*bwd(grad_k, grad_v, *saved, *ctx.params), None, None, None)
 
 
-torch.library.register_autograd("merlin_longseq::history_projection_fwd", _backward, setup_context=_setup_context)
+_OP = KernelOp("history_projection", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _backward,
+               grad_inputs=range(6))
 
 
 def triton_history_projection(
@@ -290,4 +280,4 @@ def triton_history_projection(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, d]; w_gate_up [2h, d]; w_down [d, h]; ln_weight, ln_bias [d]; w_kv [2 H Dh, d] -> K, V [N, H, Dh]
     (contiguous). Inputs are not checked here: ops/history_projection.py does that."""
-    return _fwd_op(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, bool(residual), float(eps), int(num_heads))
+    return _OP(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, bool(residual), float(eps), int(num_heads))

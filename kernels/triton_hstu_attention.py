@@ -15,18 +15,21 @@ Supports
     kernel; their gradients are fused into the dK/dV kernel (tile-wise bucket sums + fp32 atomics);
   - backward: one kernel for dK/dV (a program per key block) and one for dQ (a program per query block),
     deterministic except for the bias-table gradients (atomics);
-  - torch.library custom ops merlin_longseq::hstu_attention_fwd / _bwd (custom_op + register_fake) with
-    autograd registered, so torch.compile traces around them.
+  - torch.library custom ops merlin_longseq::hstu_attention_fwd / _bwd with fake implementations and autograd
+    (_common.KernelOp), so torch.compile traces around them; eager calls launch the kernels directly.
 GPUs tested: H100 (triton 3.6); CPU through TRITON_INTERPRET=1 (triton 3.9), fp32 only.
-Autotune keys use the length bucketed to a power of two, so varying batches do not re-tune.
+Autotune keys use the length bucketed to a power of two, so varying batches do not re-tune; each bucket's
+constexprs and tuned config are kept (_common.Launcher), so a repeated call of a bucket only launches.
 """
-import math
-import os
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import (KernelOp, Launcher, area_limited, block_d, cdiv, dot_precision, last_dim_contiguous, load_rows,
+                      mn_config as _cfg, pow2_bucket, pruner, set_interpret_tiles)
 
 # The tanh-based SiLU on CUDA for bf16/fp16 (see header): on the H100, B=16 L=4096 forward 409 TFLOP/s against
 # 258 with the exact sigmoid, same relative error vs fp32 (2.4e-3, bf16 rounding dominates). For strongly
@@ -36,17 +39,8 @@ FAST_SILU = True
 # Bucket gradients of a tile are summed bucket by bucket when the tile holds fewer distinct buckets than
 # this; wider tiles fall back to one atomic per element (correct, slower).
 _BUCKET_LOOP_MAX = 8
-# Block shapes used under TRITON_INTERPRET (tests change them through _set_interpret_blocks).
-_INTERPRET_BLOCKS = (16, 16)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
+# Tile shapes used under TRITON_INTERPRET (tests change them through _set_interpret_blocks).
+_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}
 
 # BLOCK_M = query rows per tile, BLOCK_N = key rows per tile, in every kernel. The first entry of each list
 # is the default when autotuning is switched off (MERLIN_LONGSEQ_HSTU_AUTOTUNE=0).
@@ -58,27 +52,21 @@ _DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _c
                _cfg(64, 32, 4, 3)]
 
 
-def _prune(configs, named_args, **kwargs):
-    if _interpreting():
-        return [_cfg(_INTERPRET_BLOCKS[0], _INTERPRET_BLOCKS[1], 4, 1)]
-    args = {**named_args, **kwargs}
+def _fitting(configs, args):
     # wide heads, fp32 operands or fused bias gradients: smaller tiles, or registers spill
     # fp32 operands: 64 x 64 at most (the H100 run: a 128 x 64 fp32 dQ tile asked for 256 KB of shared memory)
     heavy = max(args["BLOCK_DQK"], args["BLOCK_DV"]) > 64
     small = args.get("POS_GRAD") or args.get("TIME_GRAD") or args["PREC"] != "tf32"
     limit = 64 * 64 if small else 128 * 64 if heavy else 1 << 30
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= limit]
-    if os.environ.get("MERLIN_LONGSEQ_HSTU_AUTOTUNE", "1") == "0":
-        return kept[:1] or configs[-1:]
-    return kept or configs[-1:]
+    return area_limited(configs, limit, "MERLIN_LONGSEQ_HSTU_AUTOTUNE")
+
+
+_prune = pruner(_INTERPRET, _fitting)
 
 
 def _set_interpret_blocks(block_m: int, block_n: int) -> None:
-    """Test hook: the interpreter's tile sizes (clears the autotune caches so they take effect)."""
-    global _INTERPRET_BLOCKS
-    _INTERPRET_BLOCKS = (block_m, block_n)
-    for kernel in (_hstu_fwd_kernel, _hstu_bwd_dkdv_kernel, _hstu_bwd_dq_kernel):
-        kernel.cache.clear()
+    """Test hook: the interpreter's tile sizes (clears the autotune choices so they take effect)."""
+    set_interpret_tiles(_INTERPRET, (_FWD, _DKDV, _DQ), BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 _KEY = ["len_bucket", "DQK", "DV", "CAUSAL", "HAS_WINDOW", "HAS_TARGETS", "HAS_POS", "HAS_TIME", "SILU_MODE"]
@@ -190,19 +178,6 @@ def _bucket_grad(Grad, buckets, ds, valid, LOOP_MAX: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(Base, rows, stride, offs_d, row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
-    """[rows, BLOCK_D] tile; the d mask exists only for padded head dims."""
-    ptrs = Base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
-    if MASK_ROWS:
-        if BLOCK_D == D:
-            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-        return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if BLOCK_D == D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-
-
-@triton.jit
 def _query_block_key_ranges(m0, n, nh, window, prefix, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                             HAS_TARGETS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keys that rows [m0, m0 + BLOCK_M) may see: [0, a_hi), fully allowed below u_hi (the causal range or
@@ -266,8 +241,8 @@ def _q_tile(acc, q, do, rows, s0, lo, hi, apply_mask, K_base, V_base, TS_base, t
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = s0 + tl.arange(0, BLOCK_N)
     col_ok = (cols >= lo) & (cols < hi)
-    k = _load_rows(K_base, cols, stride_kt, offs_dqk, col_ok, DQK, BLOCK_DQK, MASK_LOADS)
-    v = _load_rows(V_base, cols, stride_vt, offs_dv, col_ok, DV, BLOCK_DV, MASK_LOADS)
+    k = load_rows(K_base, cols, stride_kt, offs_dqk, col_ok, DQK, BLOCK_DQK, MASK_LOADS)
+    v = load_rows(V_base, cols, stride_vt, offs_dv, col_ok, DV, BLOCK_DV, MASK_LOADS)
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)
     rab = 0.0
     if HAS_POS or HAS_TIME:
@@ -357,11 +332,11 @@ def _q_program(Q, K, V, DO, Out, Offsets, NumTargets, Timestamps, PosTab, TimeTa
         row_ok = rows < n
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
-        q = _load_rows(Q + seq_start * stride_qt + h * stride_qh, rows, stride_qt, offs_dqk, row_ok, DQK,
+        q = load_rows(Q + seq_start * stride_qt + h * stride_qh, rows, stride_qt, offs_dqk, row_ok, DQK,
                        BLOCK_DQK, True)
         do = q
         if IS_DQ:
-            do = _load_rows(DO + seq_start * stride_dot + h * stride_doh, rows, stride_dot, offs_dv, row_ok, DV,
+            do = load_rows(DO + seq_start * stride_dot + h * stride_doh, rows, stride_dot, offs_dv, row_ok, DV,
                             BLOCK_DV, True)
         TS_base = Timestamps + seq_start
         t_rows = rows
@@ -436,8 +411,8 @@ def _kv_tile(dk, dv, k, v, cols, r0, hi, apply_mask, Q_base, DO_base, TS_base, t
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = r0 + tl.arange(0, BLOCK_M)
     row_ok = rows < hi
-    q = _load_rows(Q_base, rows, stride_qt, offs_dqk, row_ok, DQK, BLOCK_DQK, MASK_LOADS)
-    do = _load_rows(DO_base, rows, stride_dot, offs_dv, row_ok, DV, BLOCK_DV, MASK_LOADS)
+    q = load_rows(Q_base, rows, stride_qt, offs_dqk, row_ok, DQK, BLOCK_DQK, MASK_LOADS)
+    do = load_rows(DO_base, rows, stride_dot, offs_dv, row_ok, DV, BLOCK_DV, MASK_LOADS)
     qk = tl.dot(k, tl.trans(q), input_precision=PREC)  # [keys, rows]
     rab = 0.0
     if HAS_POS or HAS_TIME:
@@ -490,9 +465,9 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_out, DPos, DTime, Offsets, NumTarg
         col_ok = cols < n
         offs_dqk = tl.arange(0, BLOCK_DQK)
         offs_dv = tl.arange(0, BLOCK_DV)
-        k = _load_rows(K + seq_start * stride_kt + h * stride_kh, cols, stride_kt, offs_dqk, col_ok, DQK,
+        k = load_rows(K + seq_start * stride_kt + h * stride_kh, cols, stride_kt, offs_dqk, col_ok, DQK,
                        BLOCK_DQK, True)
-        v = _load_rows(V + seq_start * stride_vt + h * stride_vh, cols, stride_vt, offs_dv, col_ok, DV,
+        v = load_rows(V + seq_start * stride_vt + h * stride_vh, cols, stride_vt, offs_dv, col_ok, DV,
                        BLOCK_DV, True)
         Q_base = Q + seq_start * stride_qt + h * stride_qh
         DO_base = DO + seq_start * stride_dot + h * stride_doh
@@ -587,77 +562,83 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV_out, DPos, DTime, Offsets, NumTarg
 # ---------------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------------
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+_FWD = Launcher(_hstu_fwd_kernel)
+_DKDV = Launcher(_hstu_bwd_dkdv_kernel)
+_DQ = Launcher(_hstu_bwd_dq_kernel)
 
 
-def _len_bucket(max_seq_len: int) -> int:
-    return max(64, triton.next_power_of_2(max_seq_len))
+def _dtype(x: Optional[torch.Tensor]) -> Optional[torch.dtype]:
+    return None if x is None else x.dtype
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _bucket(q, k, v, offsets, num_targets, pos_bias, time_bias, use_time, max_seq_len, causal, local_window):
+    """All that the constexprs and the autotuners' keys depend on (the dtype of every tensor argument too)."""
+    return (q.device, q.dtype, k.dtype, v.dtype, q.shape[2], v.shape[2], pow2_bucket(max_seq_len, 64), bool(causal),
+            bool(local_window), offsets.dtype, _dtype(num_targets), _dtype(pos_bias),
+            time_bias.dtype if use_time else None, FAST_SILU)
 
 
-def _common_args(q, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
-                 local_window, global_prefix):
-    """Launch arguments shared by the three kernels (unused tensors are replaced by a 1-element dummy)."""
+@functools.lru_cache(maxsize=None)
+def _constexprs(bucket) -> dict:
+    """The three kernels' arguments fixed by the bucket: computed once per bucket."""
+    device, dtype, _, _, dqk, dv, len_bucket, causal, window, _, targets, pos, time, fast_silu = bucket
+    fast = fast_silu and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) \
+        and torch.version.hip is None
+    return dict(len_bucket=len_bucket, DQK=dqk, DV=dv, BLOCK_DQK=block_d(dqk), BLOCK_DV=block_d(dv), CAUSAL=causal,
+                HAS_WINDOW=window, HAS_TARGETS=targets is not None, HAS_POS=pos is not None, HAS_TIME=time is not None,
+                SILU_MODE=1 if fast else 0, PREC=dot_precision(dtype))
+
+
+def _call_args(q, offsets, num_targets, timestamps, pos_bias, time_bias, use_time, max_seq_len, alpha,
+               local_window, global_prefix) -> dict:
+    """The per-call arguments the three kernels share (absent tensors are replaced by a 1-element dummy)."""
     dummy = offsets  # never read: the matching HAS_* flag is off
     # contiguous tables: their row stride is then also the stride of the fp32 gradient buffers
     pos_bias = pos_bias.contiguous() if pos_bias is not None else None
     time_bias = time_bias.contiguous() if time_bias is not None else None
     num_pos = pos_bias.shape[-1] if pos_bias is not None else 1
     num_time = time_bias.shape[-1] if time_bias is not None else 1
-    use_time = time_bias is not None and timestamps is not None
-    fast = FAST_SILU and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and torch.version.hip is None
-    tensors = dict(
+    return dict(
         Offsets=offsets,
         NumTargets=num_targets if num_targets is not None else dummy,
         Timestamps=timestamps.to(torch.int64) if use_time else dummy,
         PosTab=pos_bias if pos_bias is not None else dummy,
         TimeTab=time_bias if use_time else dummy,
-    )
-    scalars = dict(
         stride_pos_h=pos_bias.stride(0) if pos_bias is not None and pos_bias.shape[0] > 1 else 0,
         stride_time_h=time_bias.stride(0) if use_time and time_bias.shape[0] > 1 else 0,
         num_heads=q.shape[1], alpha=float(alpha), inv_max_len=1.0 / max_seq_len,
         window=int(local_window) if local_window else 0, prefix=int(global_prefix),
-        num_pos=num_pos, num_time=num_time, time_cap=1 << min(max(num_time - 1, 0), 62),
-        len_bucket=_len_bucket(max_seq_len),
-        DQK=q.shape[2], DV=v.shape[2], BLOCK_DQK=_block_d(q.shape[2]), BLOCK_DV=_block_d(v.shape[2]),
-        CAUSAL=bool(causal), HAS_WINDOW=bool(local_window), HAS_TARGETS=num_targets is not None,
-        HAS_POS=pos_bias is not None, HAS_TIME=use_time, SILU_MODE=1 if fast else 0,
-        # fp32: three tf32 passes (near-fp32 accuracy on the tensor cores; "ieee" falls off them)
-        PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
-    )
-    return tensors, scalars
+        num_pos=num_pos, num_time=num_time, time_cap=1 << min(max(num_time - 1, 0), 62))
 
 
-def _fwd_impl(launch, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha,
-              causal, local_window, global_prefix):
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+              num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
+              pos_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor], max_seq_len: int,
+              alpha: float, causal: bool, local_window: int, global_prefix: int) -> torch.Tensor:
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
     total, heads, _ = q.shape
     out = torch.empty((total, heads, v.shape[2]), dtype=q.dtype, device=q.device)
     batch = offsets.numel() - 1
     if total == 0 or batch == 0:
         return out
-    tensors, scalars = _common_args(q, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len,
-                                    alpha, causal, local_window, global_prefix)
-
-    def grid(meta):
-        return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), batch * heads)
-
-    launch(_hstu_fwd_kernel)[grid](
-        Q=q, K=k, V=v, Out=out, **tensors,
-        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
-        **scalars)
+    use_time = time_bias is not None and timestamps is not None
+    bucket = _bucket(q, k, v, offsets, num_targets, pos_bias, time_bias, use_time, max_seq_len, causal, local_window)
+    _FWD(bucket, lambda meta: (cdiv(max_seq_len, meta["BLOCK_M"]), batch * heads),
+         Q=q, K=k, V=v, Out=out,
+         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+         **_call_args(q, offsets, num_targets, timestamps, pos_bias, time_bias, use_time, max_seq_len, alpha,
+                      local_window, global_prefix),
+         **_constexprs(bucket))
     return out
 
 
-def _bwd_impl(launch, dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha,
-              causal, local_window, global_prefix, need_pos_grad, need_time_grad):
-    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
+def _bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+              num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
+              pos_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor], max_seq_len: int,
+              alpha: float, causal: bool, local_window: int, global_prefix: int, need_pos_grad: bool,
+              need_time_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
     total, heads, _ = q.shape
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
@@ -670,18 +651,22 @@ def _bwd_impl(launch, dout, q, k, v, offsets, num_targets, timestamps, pos_bias,
     dtime = torch.zeros(time_bias.shape if time_grad else (1,), dtype=torch.float32, device=q.device)
     batch = offsets.numel() - 1
     if total > 0 and batch > 0:
-        tensors, scalars = _common_args(q, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len,
-                                        alpha, causal, local_window, global_prefix)
-        strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-                       stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0),
-                       stride_doh=dout.stride(1))
-        launch(_hstu_bwd_dkdv_kernel)[lambda meta: (triton.cdiv(max_seq_len, meta["BLOCK_N"]), batch * heads)](
-            Q=q, K=k, V=v, DO=dout, DK=dk, DV_out=dv, DPos=dpos, DTime=dtime, **tensors, **strides,
-            stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-            POS_GRAD=pos_grad, TIME_GRAD=time_grad, LOOP_MAX=_BUCKET_LOOP_MAX, **scalars)
-        launch(_hstu_bwd_dq_kernel)[lambda meta: (triton.cdiv(max_seq_len, meta["BLOCK_M"]), batch * heads)](
-            Q=q, K=k, V=v, DO=dout, DQ=dq, **tensors, **strides, stride_dqt=dq.stride(0),
-            stride_dqh=dq.stride(1), **scalars)
+        bucket = _bucket(q, k, v, offsets, num_targets, pos_bias, time_bias, use_time, max_seq_len, causal,
+                         local_window)
+        shared = dict(Q=q, K=k, V=v, DO=dout,
+                      stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+                      stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0),
+                      stride_doh=dout.stride(1),
+                      **_call_args(q, offsets, num_targets, timestamps, pos_bias, time_bias, use_time, max_seq_len,
+                                   alpha, local_window, global_prefix),
+                      **_constexprs(bucket))
+        bucket += (dout.dtype, pos_grad, time_grad)
+        _DKDV(bucket, lambda meta: (cdiv(max_seq_len, meta["BLOCK_N"]), batch * heads),
+              DK=dk, DV_out=dv, DPos=dpos, DTime=dtime, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
+              stride_dvt=dv.stride(0), stride_dvh=dv.stride(1), POS_GRAD=pos_grad, TIME_GRAD=time_grad,
+              LOOP_MAX=_BUCKET_LOOP_MAX, **shared)
+        _DQ(bucket, lambda meta: (cdiv(max_seq_len, meta["BLOCK_M"]), batch * heads),
+            DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **shared)
     else:
         dq.zero_()
         dk.zero_()
@@ -693,104 +678,39 @@ def _bwd_impl(launch, dout, q, k, v, offsets, num_targets, timestamps, pos_bias,
 
 
 # ---------------------------------------------------------------------------------------------------------
-# custom ops (torch.compile can trace them) and autograd
+# custom ops (torch.compile traces around them) and autograd
 # ---------------------------------------------------------------------------------------------------------
-# triton_op exposes the kernels to torch.compile; under TRITON_INTERPRET its tracing cannot see interpreted
-# kernels (wrap_triton hands them back raw and fake tensors reach them), so the ops stay opaque custom_ops.
-# On the H100 run (torch 2.11, triton 3.6) the triton_op route gave wrong forward outputs under torch.compile
-# (Inductor re-launching the autotuned kernel), so the ops are opaque custom_ops everywhere.
-_USE_TRITON_OP = False
+def _fwd_fake(q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
+              local_window, global_prefix):
+    return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
-def _direct(kernel):
-    return kernel
+def _bwd_fake(dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
+              local_window, global_prefix, need_pos_grad, need_time_grad):
+    use_time = time_bias is not None and timestamps is not None
+    none = q.new_empty(0, dtype=torch.float32)
+    dpos = pos_bias.new_empty(pos_bias.shape) if need_pos_grad and pos_bias is not None else none
+    dtime = time_bias.new_empty(time_bias.shape) if need_time_grad and use_time else none
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpos, dtime
 
 
-def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                 num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
-                 pos_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor], max_seq_len: int,
-                 alpha: float, causal: bool, local_window: int, global_prefix: int) -> torch.Tensor:
-    launch = torch.library.wrap_triton if _USE_TRITON_OP else _direct
-    return _fwd_impl(launch, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha,
-                     causal, local_window, global_prefix)
-
-
-def _bwd_op_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                 num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
-                 pos_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor], max_seq_len: int,
-                 alpha: float, causal: bool, local_window: int, global_prefix: int, need_pos_grad: bool,
-                 need_time_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    launch = torch.library.wrap_triton if _USE_TRITON_OP else _direct
-    return _bwd_impl(launch, dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len,
-                     alpha, causal, local_window, global_prefix, need_pos_grad, need_time_grad)
-
-
-if _USE_TRITON_OP:
-    # triton_op: the kernels stay visible to torch.compile (Inductor calls them as user Triton kernels)
-    _fwd_op = torch.library.triton_op("merlin_longseq::hstu_attention_fwd", _fwd_op_impl, mutates_args=())
-    _bwd_op = torch.library.triton_op("merlin_longseq::hstu_attention_bwd", _bwd_op_impl, mutates_args=())
-else:
-    _fwd_op = torch.library.custom_op("merlin_longseq::hstu_attention_fwd", _fwd_op_impl, mutates_args=())
-    _bwd_op = torch.library.custom_op("merlin_longseq::hstu_attention_bwd", _bwd_op_impl, mutates_args=())
-
-    @_fwd_op.register_fake
-    def _(q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
-          local_window, global_prefix):
-        return q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
-
-    @_bwd_op.register_fake
-    def _(dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
-          local_window, global_prefix, need_pos_grad, need_time_grad):
-        use_time = time_bias is not None and timestamps is not None
-        none = q.new_empty(0, dtype=torch.float32)
-        dpos = pos_bias.new_empty(pos_bias.shape) if need_pos_grad and pos_bias is not None else none
-        dtime = time_bias.new_empty(time_bias.shape) if need_time_grad and use_time else none
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dpos, dtime
-
-
-def _op_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias = inputs[:8]
     ctx.save_for_backward(q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias)
     ctx.params = inputs[8:]
 
 
-def _eager_or_op(op, impl):
-    # The custom op's Python dispatch costs ~0.5 ms of host time per call on the H100 machine's CPU (cProfile:
-    # custom_ops.backend_impl), more than a semi-local kernel's GPU time; eager calls launch directly and only
-    # torch.compile, which needs the op to trace around, goes through it.
-    return op if torch.compiler.is_compiling() else impl
-
-
-def _op_backward(ctx, dout, bwd=None):
-    # the op's registered autograd always calls the op (AOT tracing needs it); the eager Function passes impl
+def _backward(ctx, bwd, dout):
     q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias = ctx.saved_tensors
     need = ctx.needs_input_grad
-    bwd = bwd or _bwd_op
-    dq, dk, dv, dpos, dtime = bwd(dout, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias,
-                                  *ctx.params, bool(need[6]), bool(need[7]))
+    dq, dk, dv, dpos, dtime = bwd(dout.contiguous(), q, k, v, offsets, num_targets, timestamps, pos_bias,
+                                  time_bias, *ctx.params, bool(need[6]), bool(need[7]))
     return (dq, dk, dv, None, None, None, dpos if need[6] else None, dtime if need[7] else None,
             None, None, None, None, None)
 
 
-torch.library.register_autograd("merlin_longseq::hstu_attention_fwd", _op_backward, setup_context=_op_setup_context)
-
-
-class HSTUAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: the kernels launched directly in eager mode, the two custom ops under torch.compile
-    (same backward as the op's registered autograd)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
-                local_window, global_prefix):
-        inputs = (q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, max_seq_len, alpha, causal,
-                  local_window, global_prefix)
-        out = _eager_or_op(_fwd_op, _fwd_op_impl)(*inputs)
-        _op_setup_context(ctx, inputs, out)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        return _op_backward(ctx, dout.contiguous(), _eager_or_op(_bwd_op, _bwd_op_impl))
+_OP = KernelOp("hstu_attention", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _backward,
+               grad_inputs=(0, 1, 2, 6, 7))
 
 
 def triton_hstu_attention(
@@ -813,6 +733,5 @@ def triton_hstu_attention(
 
     max_seq_len must bound every sequence length (the dispatcher checks); it is also the 1/N scale.
     """
-    return HSTUAttentionFunction.apply(q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias,
-                                       int(max_seq_len), float(alpha), bool(causal), int(local_window or 0),
-                                       int(global_prefix))
+    return _OP(q, k, v, offsets, num_targets, timestamps, pos_bias, time_bias, int(max_seq_len), float(alpha),
+               bool(causal), int(local_window or 0), int(global_prefix))

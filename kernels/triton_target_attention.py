@@ -22,34 +22,31 @@ Supports
     and balances ragged histories: a program's work is bounded by the chunk, not the longest history;
   - backward: a dK/dV kernel (a program per key block: every key belongs to one program, no atomics) and a
     dQ kernel (a program per query block and key chunk; fp32 atomics across chunks when split);
-  - torch.library custom ops merlin_longseq::target_attention_fwd / _bwd with autograd registered, so
-    torch.compile can trace them.
+  - torch.library custom ops merlin_longseq::target_attention_fwd / _bwd with fake implementations and
+    autograd (_common.KernelOp), so torch.compile can trace them; eager calls launch the kernels directly;
+  - each (dtype, head dims, length buckets, split count) bucket's constexprs and tuned configs are kept
+    (_common.Launcher): a repeated call of a bucket only launches.
 GPUs tested: H100 (see docs/PERFORMANCE.md); CPU through TRITON_INTERPRET=1, fp32.
 """
-import os
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import (KernelOp, Launcher, area_limited, block_d, cdiv, dot_precision, interpreting, last_dim_contiguous,
+                      load_rows, mn_config as _cfg, pow2_bucket, pruner, set_interpret_tiles)
+
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Under TRITON_INTERPRET the tile sizes and split count come from here (tests change them).
-_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16, "splits": None}
+_INTERPRET = {"BLOCK_M": 16, "BLOCK_N": 16}
+_INTERPRET_SPLITS: Optional[int] = None
 # Split-KV only when (request, head, query block) programs would leave SMs idle: measured on the H100,
 # R=64 T=128 L=10240 ran at 2.68 TB/s unsplit and 2.50 TB/s in 3 chunks (partials + combine cost more).
 _PROGRAMS_PER_SM = 1
 _MIN_CHUNK = 512  # never split a history into chunks shorter than this (the partials would cost more)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-
 
 _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2),
                 _cfg(64, 128, 4, 3)]
@@ -57,24 +54,20 @@ _DKDV_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(32, 128, 8, 2), _cfg(64, 128, 8, 2), _
 _DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 128, 8, 2)]
 
 
-def _prune(configs, named_args, **kwargs):
-    if _interpreting():
-        return [_cfg(_INTERPRET["BLOCK_M"], _INTERPRET["BLOCK_N"], 4, 1)]
-    args = {**named_args, **kwargs}
-    if max(args["BLOCK_D"], args["BLOCK_DV"]) > 64 or args["PREC"] != "tf32":
-        # wide heads or fp32 operands: smaller tiles, or registers spill
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
-        return kept or configs[-1:]
-    if os.environ.get("MERLIN_LONGSEQ_TA_AUTOTUNE", "1") == "0":
-        return configs[:1]
-    return configs
+def _fitting(configs, args):
+    # wide heads or fp32 operands: smaller tiles, or registers spill
+    small = max(args["BLOCK_D"], args["BLOCK_DV"]) > 64 or args["PREC"] != "tf32"
+    return area_limited(configs, 64 * 64 if small else 1 << 30, "MERLIN_LONGSEQ_TA_AUTOTUNE")
+
+
+_prune = pruner(_INTERPRET, _fitting)
 
 
 def _set_interpret_blocks(block_m: int, block_n: int, splits: Optional[int] = None) -> None:
-    """Test hook: the interpreter's tile sizes and split count (clears the autotune caches)."""
-    _INTERPRET.update(BLOCK_M=block_m, BLOCK_N=block_n, splits=splits)
-    for kernel in (_ta_fwd_kernel, _ta_bwd_dkdv_kernel, _ta_bwd_dq_kernel):
-        kernel.cache.clear()
+    """Test hook: the interpreter's tile sizes and split count (clears the autotune choices)."""
+    global _INTERPRET_SPLITS
+    _INTERPRET_SPLITS = splits
+    set_interpret_tiles(_INTERPRET, (_FWD, _DKDV, _DQ), BLOCK_M=block_m, BLOCK_N=block_n)
 
 
 _KEY = ["tgt_bucket", "len_bucket", "D", "DV", "n_splits", "HAS_LIMIT"]
@@ -84,20 +77,6 @@ _KEY = ["tgt_bucket", "len_bucket", "D", "DV", "n_splits", "HAS_LIMIT"]
 # forward
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
-def _load_tile(Base, rows, stride, offs_d, row_ok, D: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASK_ROWS: tl.constexpr):
-    """[rows, BLOCK_D] tile; masks only where rows can run past the end or the head dim is padded."""
-    ptrs = Base + rows[:, None].to(tl.int64) * stride + offs_d[None, :]
-    if MASK_ROWS:
-        if BLOCK_D == D:
-            return tl.load(ptrs, mask=row_ok[:, None], other=0.0)
-        return tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if BLOCK_D == D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
-
-
-@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, stride_vt, scale_log2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
               PREC: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -105,7 +84,7 @@ def _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, strid
     keys < row_hi[i] only; unmasked tiles are fully visible to every row."""
     cols = s0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hi
-    k = _load_tile(K_base, cols, stride_kt, tl.arange(0, BLOCK_D), col_ok, D, BLOCK_D, MASKED)
+    k = load_rows(K_base, cols, stride_kt, tl.arange(0, BLOCK_D), col_ok, D, BLOCK_D, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # log2 domain: exp2 is one instruction
     if MASKED:
         s = tl.where(col_ok[None, :] & (cols[None, :] < row_hi[:, None]), s, float("-inf"))
@@ -118,7 +97,7 @@ def _fwd_tile(acc, m_i, l_i, q, K_base, V_base, s0, hi, row_hi, stride_kt, strid
         p = tl.math.exp2(s - m_new[:, None])
         correction = tl.math.exp2(m_i - m_new)
     l_i = l_i * correction + tl.sum(p, 1)
-    v = _load_tile(V_base, cols, stride_vt, tl.arange(0, BLOCK_DV), col_ok, DV, BLOCK_DV, MASKED)
+    v = load_rows(V_base, cols, stride_vt, tl.arange(0, BLOCK_DV), col_ok, DV, BLOCK_DV, MASKED)
     acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
@@ -167,7 +146,7 @@ def _ta_fwd_kernel(Q, K, V, Out, Lse, PartAcc, PartM, PartL, QOffsets, KVOffsets
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_q
         row_hi, hi, full_end = _row_limits(KeyLimit, q_start, rows, row_ok, n_kv, hi, HAS_LIMIT)
-        q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, tl.arange(0, BLOCK_D), row_ok,
+        q = load_rows(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, tl.arange(0, BLOCK_D), row_ok,
                        D, BLOCK_D, True)
         K_base = K + kv_start * stride_kt + h * stride_kh
         V_base = V + kv_start * stride_vt + h * stride_vh
@@ -256,8 +235,8 @@ def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets,
         col_ok = cols < n_kv
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
-        k = _load_tile(K + kv_start * stride_kt + h * stride_kh, cols, stride_kt, offs_d, col_ok, D, BLOCK_D, True)
-        v = _load_tile(V + kv_start * stride_vt + h * stride_vh, cols, stride_vt, offs_dv, col_ok, DV, BLOCK_DV,
+        k = load_rows(K + kv_start * stride_kt + h * stride_kh, cols, stride_kt, offs_d, col_ok, D, BLOCK_D, True)
+        v = load_rows(V + kv_start * stride_vt + h * stride_vh, cols, stride_vt, offs_dv, col_ok, DV, BLOCK_DV,
                        True)
         Q_base = Q + q_start * stride_qt + h * stride_qh
         DO_base = DO + q_start * stride_dot + h * stride_doh
@@ -266,8 +245,8 @@ def _ta_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DVout, QOffsets, KVOffsets,
         for r0 in range(0, n_q, BLOCK_M):
             rows = r0 + tl.arange(0, BLOCK_M)
             row_ok = rows < n_q
-            q = _load_tile(Q_base, rows, stride_qt, offs_d, row_ok, D, BLOCK_D, True)
-            do = _load_tile(DO_base, rows, stride_dot, offs_dv, row_ok, DV, BLOCK_DV, True)
+            q = load_rows(Q_base, rows, stride_qt, offs_d, row_ok, D, BLOCK_D, True)
+            do = load_rows(DO_base, rows, stride_dot, offs_dv, row_ok, DV, BLOCK_DV, True)
             flat = (q_start + rows).to(tl.int64) * num_heads + h
             lse = tl.load(Lse + flat, mask=row_ok, other=float("inf"))  # padding rows: p = 0
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # a row that saw no key: p = 0
@@ -294,8 +273,8 @@ def _dq_tile(dq, q, do, lse, delta, K_base, V_base, s0, hi, row_hi, stride_kt, s
              PREC: tl.constexpr, MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     cols = s0 + tl.arange(0, BLOCK_N)
     col_ok = cols < hi
-    k = _load_tile(K_base, cols, stride_kt, tl.arange(0, BLOCK_D), col_ok, D, BLOCK_D, MASKED)
-    v = _load_tile(V_base, cols, stride_vt, tl.arange(0, BLOCK_DV), col_ok, DV, BLOCK_DV, MASKED)
+    k = load_rows(K_base, cols, stride_kt, tl.arange(0, BLOCK_D), col_ok, D, BLOCK_D, MASKED)
+    v = load_rows(V_base, cols, stride_vt, tl.arange(0, BLOCK_DV), col_ok, DV, BLOCK_DV, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2
     p = tl.math.exp2(s - lse[:, None])
     if MASKED:
@@ -339,9 +318,9 @@ def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets, K
         # not split: rows with an empty history still get their zero gradient stored
         if (lo < hi) | (n_splits == 1):
             offs_d = tl.arange(0, BLOCK_D)
-            q = _load_tile(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, offs_d, row_ok, D, BLOCK_D,
+            q = load_rows(Q + q_start * stride_qt + h * stride_qh, rows, stride_qt, offs_d, row_ok, D, BLOCK_D,
                            True)
-            do = _load_tile(DO + q_start * stride_dot + h * stride_doh, rows, stride_dot, tl.arange(0, BLOCK_DV),
+            do = load_rows(DO + q_start * stride_dot + h * stride_doh, rows, stride_dot, tl.arange(0, BLOCK_DV),
                             row_ok, DV, BLOCK_DV, True)
             flat = (q_start + rows).to(tl.int64) * num_heads + h
             lse = tl.load(Lse + flat, mask=row_ok, other=0.0)
@@ -369,17 +348,14 @@ def _ta_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, DQacc, QOffsets, KVOffsets, K
 # ---------------------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------------------
-def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+_FWD = Launcher(_ta_fwd_kernel)
+_DKDV = Launcher(_ta_bwd_dkdv_kernel)
+_DQ = Launcher(_ta_bwd_dq_kernel)
 
 
-def _bucket(n: int, low: int) -> int:
-    # autotune keys: powers of two, so varying batches do not re-tune
-    return max(low, triton.next_power_of_2(max(n, 1)))
-
-
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _num_splits(device: torch.device, requests: int, heads: int, max_targets: int, max_kv_len: int,
@@ -388,29 +364,48 @@ def _num_splits(device: torch.device, requests: int, heads: int, max_targets: in
     least _MIN_CHUNK keys."""
     if forced is not None:
         return max(1, int(forced))
-    if _interpreting():
-        return _INTERPRET["splits"] or 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    base = requests * heads * triton.cdiv(max(max_targets, 1), 128)
-    want = triton.cdiv(_PROGRAMS_PER_SM * sms, max(base, 1))
+    if interpreting():
+        return _INTERPRET_SPLITS or 1
+    base = requests * heads * cdiv(max(max_targets, 1), 128)
+    want = cdiv(_PROGRAMS_PER_SM * _sm_count(device), max(base, 1))
     return int(max(1, min(want, max_kv_len // _MIN_CHUNK)))
 
 
-def _fwd_impl(launch, q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_kv_len, num_splits):
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    total_q, heads, d = q.shape
-    dv = v.shape[2]
-    out = torch.empty((total_q, heads, dv), dtype=q.dtype, device=q.device)
+def _bucket(q, k, v, q_offsets, kv_offsets, key_limit, max_targets, max_kv_len, splits):
+    """All that the constexprs and the autotuners' keys depend on (the dtype of every tensor argument too)."""
+    return (q.device, q.dtype, k.dtype, v.dtype, q.shape[2], v.shape[2], pow2_bucket(max_targets, 16),
+            pow2_bucket(max_kv_len, 64), splits, None if key_limit is None else key_limit.dtype, q_offsets.dtype,
+            kv_offsets.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _constexprs(bucket) -> dict:
+    """The kernels' arguments fixed by the bucket: computed once per bucket."""
+    _, dtype, _, _, d, dv, tgt_bucket, len_bucket, _, limit, _, _ = bucket
+    return dict(tgt_bucket=tgt_bucket, len_bucket=len_bucket, D=d, DV=dv, BLOCK_D=block_d(d), BLOCK_DV=block_d(dv),
+                HAS_LIMIT=limit is not None, PREC=dot_precision(dtype))
+
+
+def _fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
+              kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
+              max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """num_splits 0: the heuristic's split count."""
+    q, k, v = (last_dim_contiguous(x) for x in (q, k, v))
+    total_q, heads, _ = q.shape
+    out = torch.empty((total_q, heads, v.shape[2]), dtype=q.dtype, device=q.device)
     lse = torch.empty((total_q, heads), dtype=torch.float32, device=q.device)
     requests = q_offsets.numel() - 1
     if total_q == 0 or requests == 0:
         return out, lse
-    if max_kv_len == 0 or k.shape[0] == 0:  # no history anywhere
+    if max_history_len == 0 or k.shape[0] == 0:  # no history anywhere
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    splits = _num_splits(q.device, requests, heads, max_targets, max_kv_len, num_splits)
-    block_dv = _block_d(dv)
+    splits = _num_splits(q.device, requests, heads, max_targets, max_history_len,
+                         num_splits if num_splits > 0 else None)
+    bucket = _bucket(q, k, v, q_offsets, kv_offsets, key_limit, max_targets, max_history_len, splits)
+    constexprs = _constexprs(bucket)
+    block_dv = constexprs["BLOCK_DV"]
     rows = total_q * heads
     if splits > 1:
         part_acc = torch.empty((splits, rows, block_dv), dtype=torch.float32, device=q.device)
@@ -418,39 +413,32 @@ def _fwd_impl(launch, q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targ
         part_l = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_m = part_l = lse  # never read: SPLIT is off
-    grid = lambda meta: (requests * heads * triton.cdiv(max_targets, meta["BLOCK_M"]), splits)  # noqa: E731
-    launch(_ta_fwd_kernel)[grid](
-        Q=q, K=k, V=v, Out=out, Lse=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
-        QOffsets=q_offsets, KVOffsets=kv_offsets, KeyLimit=key_limit if key_limit is not None else q_offsets,
-        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
-        num_heads=heads, max_targets=max_targets, total_rows=rows, scale_log2=float(scale) * _LOG2E,
-        max_kv_len=max_kv_len, n_splits=splits, tgt_bucket=_bucket(max_targets, 16),
-        len_bucket=_bucket(max_kv_len, 64), D=d, DV=dv, BLOCK_D=_block_d(d), BLOCK_DV=block_dv,
-        SPLIT=splits > 1, HAS_LIMIT=key_limit is not None, PREC=_prec(q))
+    _FWD(bucket, lambda meta: (requests * heads * cdiv(max_targets, meta["BLOCK_M"]), splits),
+         Q=q, K=k, V=v, Out=out, Lse=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
+         QOffsets=q_offsets, KVOffsets=kv_offsets, KeyLimit=key_limit if key_limit is not None else q_offsets,
+         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+         num_heads=heads, max_targets=max_targets, total_rows=rows, scale_log2=float(scale) * _LOG2E,
+         max_kv_len=max_history_len, n_splits=splits, SPLIT=splits > 1, **constexprs)
     if splits > 1:
-        block_r = 64 if _interpreting() else 32
-        launch(_ta_combine_kernel)[(triton.cdiv(rows, block_r),)](
+        block_r = 64 if interpreting() else 32
+        _ta_combine_kernel[(cdiv(rows, block_r),)](
             Out=out, Lse=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l, total_rows=rows, n_splits=splits,
-            num_heads=heads, stride_ot=out.stride(0), stride_oh=out.stride(1), DV=dv, BLOCK_DV=block_dv,
-            BLOCK_R=block_r)
+            num_heads=heads, stride_ot=out.stride(0), stride_oh=out.stride(1), DV=constexprs["DV"],
+            BLOCK_DV=block_dv, BLOCK_R=block_r)
     return out, lse
 
 
-def _prec(q: torch.Tensor) -> str:
-    # fp32: three tf32 passes (near-fp32 accuracy on the tensor cores; "ieee" falls off them)
-    return "tf32x3" if q.dtype == torch.float32 else "tf32"
-
-
-def _bwd_impl(launch, dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale, max_targets,
-              max_kv_len, num_splits):
-    q, k, v, dout = (_last_dim_contiguous(x) for x in (q, k, v, dout))
+def _bwd_impl(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_offsets: torch.Tensor,
+              kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
+              max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = (last_dim_contiguous(x) for x in (q, k, v, dout))
     total_q, heads, d = q.shape
-    dv_dim = v.shape[2]
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     requests = q_offsets.numel() - 1
-    if total_q == 0 or requests == 0 or max_kv_len == 0 or k.shape[0] == 0:
+    if total_q == 0 or requests == 0 or max_history_len == 0 or k.shape[0] == 0:
         return torch.zeros_like(q), dk.zero_(), dv.zero_()
     # Delta = rowsum(dO * O): [total_q, H] fp32, a tiny pass next to the attention itself. A gradient on the
     # log-sum-exp adds dLse * P to dS: the same as lowering Delta by dLse (natural units; Lse is log2 here)
@@ -458,77 +446,44 @@ def _bwd_impl(launch, dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_
     if dlse is not None:
         delta = delta - dlse.float() * _LOG2E
     delta = delta.contiguous()
-    limit = key_limit if key_limit is not None else q_offsets
-    common = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+    splits = _num_splits(q.device, requests, heads, max_targets, max_history_len,
+                         num_splits if num_splits > 0 else None)
+    bucket = _bucket(q, k, v, q_offsets, kv_offsets, key_limit, max_targets, max_history_len, splits)
+    constexprs = _constexprs(bucket)
+    bucket += (dout.dtype, lse.dtype)
+    shared = dict(Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, QOffsets=q_offsets, KVOffsets=kv_offsets,
+                  KeyLimit=key_limit if key_limit is not None else q_offsets,
+                  stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0),
-                  stride_doh=dout.stride(1), num_heads=heads, scale=float(scale),
-                  scale_log2=float(scale) * _LOG2E, tgt_bucket=_bucket(max_targets, 16),
-                  len_bucket=_bucket(max_kv_len, 64), D=d, DV=dv_dim, BLOCK_D=_block_d(d),
-                  BLOCK_DV=_block_d(dv_dim), HAS_LIMIT=key_limit is not None, PREC=_prec(q))
-    launch(_ta_bwd_dkdv_kernel)[lambda meta: (requests * heads * triton.cdiv(max_kv_len, meta["BLOCK_N"]),)](
-        Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, DK=dk, DVout=dv, QOffsets=q_offsets, KVOffsets=kv_offsets,
-        KeyLimit=limit,
-        stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-        max_kv_len=max_kv_len, **common)
-    splits = _num_splits(q.device, requests, heads, max_targets, max_kv_len, num_splits)
+                  stride_doh=dout.stride(1), num_heads=heads, scale=float(scale), scale_log2=float(scale) * _LOG2E,
+                  max_kv_len=max_history_len, **constexprs)
+    _DKDV(bucket, lambda meta: (requests * heads * cdiv(max_history_len, meta["BLOCK_N"]),),
+          DK=dk, DVout=dv, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0),
+          stride_dvh=dv.stride(1), **shared)
     dq = torch.empty_like(q)
     # the fp32 atomic target when split; otherwise a 1-element stand-in of its own (the autotuner zeroes
     # DQacc between trial runs, so it must never alias a real input such as lse)
-    dq_acc = torch.zeros((total_q, heads, _block_d(d)) if splits > 1 else (1,), dtype=torch.float32,
+    dq_acc = torch.zeros((total_q, heads, constexprs["BLOCK_D"]) if splits > 1 else (1,), dtype=torch.float32,
                          device=q.device)
-    launch(_ta_bwd_dq_kernel)[lambda meta: (requests * heads * triton.cdiv(max_targets, meta["BLOCK_M"]), splits)](
-        Q=q, K=k, V=v, DO=dout, Lse=lse, Delta=delta, DQ=dq, DQacc=dq_acc, QOffsets=q_offsets,
-        KVOffsets=kv_offsets, KeyLimit=limit, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), max_targets=max_targets,
-        max_kv_len=max_kv_len, n_splits=splits, SPLIT=splits > 1, **common)
+    _DQ(bucket, lambda meta: (requests * heads * cdiv(max_targets, meta["BLOCK_M"]), splits),
+        DQ=dq, DQacc=dq_acc, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), max_targets=max_targets,
+        n_splits=splits, SPLIT=splits > 1, **shared)
     if splits > 1:
         dq = dq_acc[..., :d].to(q.dtype)
     return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------------------------------------
-# custom ops (torch.compile can trace them) and autograd
+# custom ops (torch.compile traces around them) and autograd
 # ---------------------------------------------------------------------------------------------------------
-# Opaque custom_ops with fake implementations: torch.compile traces around them and calls the eager launcher.
-# (triton_op, which hands the kernels to Inductor, failed on the H100 run with torch 2.11 / triton 3.6:
-# Inductor recompiled the autotuned kernel and the forward did not build; see docs/PERFORMANCE.md.)
-_USE_TRITON_OP = False
+def _fwd_fake(q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len, num_splits):
+    return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
+            q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32))
 
 
-def _launcher():
-    return torch.library.wrap_triton if _USE_TRITON_OP else (lambda kernel: kernel)
-
-
-def _fwd_op_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offsets: torch.Tensor,
-                 kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
-                 max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fwd_impl(_launcher(), q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len,
-                     num_splits if num_splits > 0 else None)
-
-
-def _bwd_op_impl(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-                 v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, q_offsets: torch.Tensor,
-                 kv_offsets: torch.Tensor, key_limit: Optional[torch.Tensor], scale: float, max_targets: int,
-                 max_history_len: int, num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _bwd_impl(_launcher(), dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale,
-                     max_targets, max_history_len, num_splits if num_splits > 0 else None)
-
-
-if _USE_TRITON_OP:
-    _fwd_op = torch.library.triton_op("merlin_longseq::target_attention_fwd", _fwd_op_impl, mutates_args=())
-    _bwd_op = torch.library.triton_op("merlin_longseq::target_attention_bwd", _bwd_op_impl, mutates_args=())
-else:
-    _fwd_op = torch.library.custom_op("merlin_longseq::target_attention_fwd", _fwd_op_impl, mutates_args=())
-    _bwd_op = torch.library.custom_op("merlin_longseq::target_attention_bwd", _bwd_op_impl, mutates_args=())
-
-    @_fwd_op.register_fake
-    def _(q, k, v, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len, num_splits):
-        return (q.new_empty((q.shape[0], q.shape[1], v.shape[2])),
-                q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32))
-
-    @_bwd_op.register_fake
-    def _(dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len,
-          num_splits):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, scale, max_targets, max_history_len,
+              num_splits):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -538,32 +493,16 @@ def _setup_context(ctx, inputs, output):
     ctx.params = inputs[6:]
 
 
-def _backward(ctx, dout, dlse, bwd=None):
+def _backward(ctx, bwd, dout, dlse):
     # lse is the log2-domain log-sum-exp; its gradient (None when unused) goes into the kernels' Delta
     q, k, v, out, lse, q_offsets, kv_offsets, key_limit = ctx.saved_tensors
     dout = dout.contiguous() if dout is not None else torch.zeros_like(out)
-    # the op's registered autograd always calls the op (AOT tracing needs it); the eager Function passes impl
-    bwd = bwd or _bwd_op
     dq, dk, dv = bwd(dout, dlse, q, k, v, out, lse, q_offsets, kv_offsets, key_limit, *ctx.params)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
-class _TargetAttentionFunction(torch.autograd.Function):
-    """Eager autograd wrapper that launches the kernels directly (the op's registered autograd, minus the
-    custom-op dispatch)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = _fwd_op_impl(*inputs)
-        _setup_context(ctx, inputs, (out, lse))
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        return _backward(ctx, dout, dlse, _bwd_op_impl)
-
-
-torch.library.register_autograd("merlin_longseq::target_attention_fwd", _backward, setup_context=_setup_context)
+_OP = KernelOp("target_attention", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _backward,
+               grad_inputs=(0, 1, 2))
 
 
 def triton_target_attention(
@@ -594,11 +533,8 @@ def triton_target_attention(
         max_history_len = int((kv_offsets[1:] - kv_offsets[:-1]).max()) if kv_offsets.numel() > 1 else 0
     if max_targets is None:
         max_targets = int((q_offsets[1:] - q_offsets[:-1]).max()) if q_offsets.numel() > 1 else 0
-    args = (q, k, v, q_offsets, kv_offsets, key_limit, float(scale), int(max_targets), int(max_history_len),
-            int(num_splits or 0))
-    # the custom op's Python dispatch costs ~0.5 ms of host time per call on the H100 machine's CPU, more than
-    # the kernel at short histories: eager calls launch directly, torch.compile goes through the op
-    out, lse2 = _fwd_op(*args) if torch.compiler.is_compiling() else _TargetAttentionFunction.apply(*args)
+    out, lse2 = _OP(q, k, v, q_offsets, kv_offsets, key_limit, float(scale), int(max_targets), int(max_history_len),
+                    int(num_splits or 0))
     if return_lse:
         return out, lse2 * _LN2
     return out

@@ -213,6 +213,16 @@ def test_triton_on_cpu_with_interpreter_off_explicitly_raises(monkeypatch):
         hstu_attention(case.q, case.k, case.v, case.offsets, MAX_SEQ_LEN, ALPHA, backend="triton")
 
 
+def test_triton_without_an_installed_kernel_raises(monkeypatch):
+    pytest.importorskip("triton")
+    from merlin_longseq.ops import _triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, to the kernel lookup
+    monkeypatch.setitem(_triton._MODULES, "hstu_attention", None)  # the lookup's answer without kernels/
+    case = make_case([3], seed=15)
+    with pytest.raises(BackendUnavailableError, match="no Triton kernel for hstu_attention is installed"):
+        hstu_attention(case.q, case.k, case.v, case.offsets, MAX_SEQ_LEN, ALPHA, backend="triton")
+
+
 def test_unknown_backend_name_raises_value_error():
     case = make_case([3], seed=14)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):

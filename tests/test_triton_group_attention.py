@@ -151,6 +151,16 @@ def test_unsupported_inputs_raise_under_triton_and_fall_back_under_auto():
                                pytorch_group_attention(q, k, v, slot_valid, 64 ** -0.5))
 
 
+def test_rejections_are_checked_again_on_every_call():
+    # the checks' verdict is kept for accepted shapes only: the same bad input raises each time
+    (q, k, v), slot_valid = make_case(2, 65, 1, 8)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="K = 1..64"):
+            tk.triton_group_attention(q, k, v, slot_valid)
+        with pytest.raises(ValueError, match="variant must be one of"):
+            tk.check_supported(q, "wmma")
+
+
 @pytest.mark.skipif(not ON_CPU, reason="interpreter case")
 def test_custom_op_passes_opcheck():
     tk._set_interpret_rows(16)

@@ -6,12 +6,12 @@ ops/pytorch/pt_group_attention.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 
-from merlin_longseq.backend import Backend, BackendUnavailableError, resolve_backend
+from merlin_longseq.backend import Backend, resolve_backend
+from merlin_longseq.ops._triton import kernel_module
 from merlin_longseq.ops.pytorch.pt_group_attention import pytorch_group_attention
 
 
@@ -67,31 +67,16 @@ def group_attention(
         _check_inputs(q, k, v, slot_valid, scale)
     chosen = resolve_backend(backend, q, k, v, slot_valid)
     if chosen is Backend.TRITON:
-        explicit = Backend.parse(backend) is Backend.TRITON
-        module = _triton_module()
-        if module is None:
-            if explicit:
-                raise BackendUnavailableError("no Triton kernel for group_attention is installed")
-        else:
+        module = kernel_module("group_attention", backend)
+        if module is not None:
             chosen_variant = module._default_variant() if variant is None else variant
             if chosen_variant not in module.VARIANTS:  # a typo is an error under auto too
                 raise ValueError(f"variant must be one of {module.VARIANTS}, got {chosen_variant!r}")
             try:  # inputs the kernel does not take: auto falls back, an explicit triton raises
                 module.check_supported(q, chosen_variant)
             except ValueError:
-                if explicit:
+                if Backend.parse(backend) is Backend.TRITON:
                     raise
             else:
                 return module.triton_group_attention(q, k, v, slot_valid, scale=scale, variant=chosen_variant)
     return pytorch_group_attention(q, k, v, slot_valid, scale)
-
-
-def _triton_module():
-    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
-    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
-    if (importlib.util.find_spec("merlin_longseq.kernels") is None
-            or importlib.util.find_spec("merlin_longseq.kernels.triton_group_attention") is None):
-        return None
-    from merlin_longseq.kernels import triton_group_attention
-
-    return triton_group_attention

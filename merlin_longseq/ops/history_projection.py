@@ -6,12 +6,11 @@ every request's history tokens back to back.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from merlin_longseq.backend import Backend, BackendUnavailableError, resolve_backend
 from merlin_longseq.jagged import JaggedInputError
+from merlin_longseq.ops._triton import kernel_module
 from merlin_longseq.ops.pytorch.pt_history_projection import pytorch_history_projection
 
 def _check_inputs(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, num_heads, eps) -> None:
@@ -88,35 +87,19 @@ def history_projection(
         # kernel for inference (user-side encoding, serving), where it is 6x faster, and trains on PyTorch
         chosen = Backend.PYTORCH
     if chosen is Backend.TRITON:
-        explicit = Backend.parse(backend) is Backend.TRITON
-        module = _triton_module()
-        if module is None:
-            if explicit:
-                raise BackendUnavailableError("no Triton kernel for history_projection is installed")
-        elif x.shape[-1] > module.MAX_D:
-            if explicit:
-                raise BackendUnavailableError(
-                    f"the Triton history_projection kernel supports d <= {module.MAX_D}, got d = {x.shape[-1]}; "
-                    "use backend='pytorch' (or 'auto')")
-        else:
+        module = kernel_module("history_projection", backend)
+        if module is not None and x.shape[-1] <= module.MAX_D:
             if torch.is_autocast_enabled(x.device.type):
-                # autocast does not reach inside a custom op: cast as it would for the Linear layers, so the
+                # autocast does not reach a Triton kernel: cast as it would for the Linear layers, so the
                 # kernel runs its bf16 / fp16 path (the LayerNorm is fp32 inside the kernel either way)
                 low = torch.get_autocast_dtype(x.device.type)
                 x, w_gate_up, w_down, ln_weight, ln_bias, w_kv = (
                     t.to(low) for t in (x, w_gate_up, w_down, ln_weight, ln_bias, w_kv))
             return module.triton_history_projection(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv,
                                                     residual=residual, eps=eps, num_heads=num_heads)
+        if module is not None and Backend.parse(backend) is Backend.TRITON:
+            raise BackendUnavailableError(
+                f"the Triton history_projection kernel supports d <= {module.MAX_D}, got d = {x.shape[-1]}; "
+                "use backend='pytorch' (or 'auto')")
     return pytorch_history_projection(x, w_gate_up, w_down, ln_weight, ln_bias, w_kv, residual=residual, eps=eps,
                                       num_heads=num_heads)
-
-
-def _triton_module():
-    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
-    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
-    if (importlib.util.find_spec("merlin_longseq.kernels") is None
-            or importlib.util.find_spec("merlin_longseq.kernels.triton_history_projection") is None):
-        return None
-    import merlin_longseq.kernels.triton_history_projection as module
-
-    return module

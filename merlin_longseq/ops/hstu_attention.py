@@ -4,12 +4,11 @@ Semantics (mask, relative bias, targets) are documented in ops/pytorch/pt_hstu_a
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from merlin_longseq.backend import Backend, BackendUnavailableError, resolve_backend
+from merlin_longseq.backend import Backend, resolve_backend
 from merlin_longseq.jagged import JaggedInputError, validate_offsets
+from merlin_longseq.ops._triton import kernel_module
 from merlin_longseq.ops.pytorch.pt_hstu_attention import pytorch_hstu_attention
 
 
@@ -67,25 +66,12 @@ def hstu_attention(
                       pos_bias, time_bias)
     chosen = resolve_backend(backend, q, k, v)
     if chosen is Backend.TRITON:
-        kernel = _triton_kernel()
-        if kernel is None:
-            if Backend.parse(backend) is Backend.TRITON:
-                raise BackendUnavailableError("no Triton kernel for hstu_attention is installed")
-        else:
-            return kernel(q, k, v, offsets, max_seq_len, alpha, num_targets=num_targets, causal=causal,
-                          local_window=local_window, global_prefix=global_prefix, timestamps=timestamps,
-                          pos_bias=pos_bias, time_bias=time_bias)
+        module = kernel_module("hstu_attention", backend)
+        if module is not None:
+            return module.triton_hstu_attention(q, k, v, offsets, max_seq_len, alpha, num_targets=num_targets,
+                                                causal=causal, local_window=local_window,
+                                                global_prefix=global_prefix, timestamps=timestamps,
+                                                pos_bias=pos_bias, time_bias=time_bias)
     return pytorch_hstu_attention(q, k, v, offsets, max_seq_len, alpha, num_targets=num_targets, causal=causal,
                                   local_window=local_window, global_prefix=global_prefix,
                                   timestamps=timestamps, pos_bias=pos_bias, time_bias=time_bias)
-
-
-def _triton_kernel():
-    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
-    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
-    if (importlib.util.find_spec("merlin_longseq.kernels") is None
-            or importlib.util.find_spec("merlin_longseq.kernels.triton_hstu_attention") is None):
-        return None
-    from merlin_longseq.kernels.triton_hstu_attention import triton_hstu_attention
-
-    return triton_hstu_attention

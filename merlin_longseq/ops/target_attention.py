@@ -6,12 +6,11 @@ ops/pytorch/pt_target_attention.py.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from merlin_longseq.backend import Backend, BackendUnavailableError, resolve_backend
+from merlin_longseq.backend import Backend, resolve_backend
 from merlin_longseq.jagged import JaggedInputError, lengths_from_offsets, validate_offsets
+from merlin_longseq.ops._triton import kernel_module
 from merlin_longseq.ops.pytorch.pt_target_attention import pytorch_target_attention
 
 
@@ -96,28 +95,15 @@ def target_attention(
         _check_inputs(q, k, v, q_offsets, kv_offsets, scale, max_history_len, max_targets, key_limit)
     chosen = resolve_backend(backend, q, k, v)
     if chosen is Backend.TRITON:
-        kernel = _triton_kernel()
-        if kernel is None:
-            if Backend.parse(backend) is Backend.TRITON:
-                raise BackendUnavailableError("no Triton kernel for target_attention is installed")
-        else:
+        module = kernel_module("target_attention", backend)
+        if module is not None:
             if max_history_len is None:
                 lengths = lengths_from_offsets(kv_offsets)
                 max_history_len = int(lengths.max()) if lengths.numel() else 0
             if max_targets is None:
                 t_lengths = lengths_from_offsets(q_offsets)
                 max_targets = int(t_lengths.max()) if t_lengths.numel() else 0
-            return kernel(q, k, v, q_offsets, kv_offsets, scale=scale, max_history_len=max_history_len,
-                          max_targets=max_targets, key_limit=key_limit, return_lse=return_lse)
+            return module.triton_target_attention(q, k, v, q_offsets, kv_offsets, scale=scale,
+                                                  max_history_len=max_history_len, max_targets=max_targets,
+                                                  key_limit=key_limit, return_lse=return_lse)
     return pytorch_target_attention(q, k, v, q_offsets, kv_offsets, scale, key_limit, return_lse)
-
-
-def _triton_kernel():
-    # Look the module up instead of catching ImportError, so a broken kernel fails loudly. The parent is
-    # checked first: from a checkout that is not pip-installed, merlin_longseq.kernels does not exist.
-    if (importlib.util.find_spec("merlin_longseq.kernels") is None
-            or importlib.util.find_spec("merlin_longseq.kernels.triton_target_attention") is None):
-        return None
-    from merlin_longseq.kernels.triton_target_attention import triton_target_attention
-
-    return triton_target_attention
