@@ -77,11 +77,8 @@ VARIANTS = {
     },
     "ultra-hstu": {
         "base": ("the job's ULTRA-HSTU", {}, {}),
-        "relu": ("candidate rows with ReLU pointwise attention", {"candidate_activation": "relu"}, {}),
         "local": ("history rows semi-local (window 64)", {"local_window": 64}, {}),
-        "local-relu": ("both", {"local_window": 64, "candidate_activation": "relu"}, {}),
         "one-layer": ("one layer", {"n_layers": 1}, {}),
-        "one-layer-relu": ("one layer, ReLU candidate rows", {"n_layers": 1, "candidate_activation": "relu"}, {}),
     },
     "stca": {
         "base": ("the job's STCA", {}, {}),

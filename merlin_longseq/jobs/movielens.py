@@ -320,9 +320,10 @@ def main(argv=None) -> int:
                         help="sampled softmax with uniform negatives instead of T4R's log-uniform ones")
     parser.add_argument("--full-softmax", action="store_true",
                         help="train with a full softmax over all items instead of T4R's sampled softmax")
+    parser.add_argument("--max-seq-len", type=int, help="most recent events per user the models read (default 100)")
     args = parser.parse_args(argv)
     cfg = apply_arguments(MovieLensJobConfig.quick() if args.quick else MovieLensJobConfig(), args,
-                          sampled_softmax=False if args.full_softmax else None,
+                          sampled_softmax=False if args.full_softmax else None, max_seq_len=args.max_seq_len,
                           negative_sampler="uniform" if args.uniform_negatives else None)
     run(args.out, cfg)
     return 0
