@@ -204,3 +204,22 @@ def test_jagged_to_padded_rejects():
         jagged_to_padded(values, torch.tensor([0, 4]))
     with pytest.raises(JaggedInputError, match="length 5 does not fit max_len = 3"):
         jagged_to_padded(values, torch.tensor([0, 5]), max_len=3)
+
+
+def test_jagged_to_padded_unchecked_reads_nothing_back(monkeypatch):
+    """check=False with a known max_len: no value goes back to the host (each read is a device sync on a GPU)."""
+    values, offsets = torch.arange(10.0).unsqueeze(1), torch.tensor([0, 3, 3, 10])
+    checked = jagged_to_padded(values, offsets, 8)
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("__int__", "__bool__", "item", "tolist", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    unchecked = jagged_to_padded(values, offsets, 8, check=False)
+    monkeypatch.undo()
+    assert torch.equal(unchecked, checked)
+    with pytest.raises(AssertionError, match="read back"):  # the checked path does read (what check=False saves)
+        for name in ("__int__", "__bool__", "item", "tolist", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+        jagged_to_padded(values, offsets, 8)

@@ -190,8 +190,8 @@ class ULTRAHSTUModel(RankingModel):
         # candidates padded per request [R, Cmax, H, d]: one score block per request, no per-candidate history copy
         qp = q.new_zeros(requests, max(width, 1), *q.shape[1:])
         qp[request_of, slot] = q
-        kp = jagged_to_padded(keys, offsets, longest)  # [R, L, H, dqk]
-        vp = jagged_to_padded(values, offsets, longest)
+        kp = jagged_to_padded(keys, offsets, longest, check=False)  # [R, L, H, dqk]
+        vp = jagged_to_padded(values, offsets, longest, check=False)
         scores = torch.einsum("rchd,rjhd->rhcj", qp, kp) * hcfg.alpha  # [R, H, Cmax, L]
         positions = torch.arange(longest, device=q.device)
         bias = 0.0
@@ -199,7 +199,7 @@ class ULTRAHSTUModel(RankingModel):
             buckets = hstu_position_buckets(lengths[:, None] - positions[None, :], layer.pos_bias.shape[-1])
             bias = layer.pos_bias[:, buckets].permute(1, 0, 2)[:, :, None, :]  # [R, H, 1, L]
         if layer.time_bias is not None:
-            tp = jagged_to_padded(times, offsets, longest)
+            tp = jagged_to_padded(times, offsets, longest, check=False)
             buckets = hstu_time_buckets(request_time[:, None].to(torch.int64) - tp.to(torch.int64),
                                         layer.time_bias.shape[-1])
             bias = bias + layer.time_bias[:, buckets].permute(1, 0, 2)[:, :, None, :]

@@ -138,11 +138,11 @@ def pytorch_hstu_attention(
                 local_window=local_window, global_prefix=global_prefix, timestamps=part(timestamps),
                 pos_bias=pos_bias, time_bias=time_bias))
         return torch.cat(outs)
-    qp = jagged_to_padded(q, offsets, batch_max)  # [B, S, H, D]
-    kp = jagged_to_padded(k, offsets, batch_max)
-    vp = jagged_to_padded(v, offsets, batch_max)
+    qp = jagged_to_padded(q, offsets, batch_max, check=False)  # [B, S, H, D]
+    kp = jagged_to_padded(k, offsets, batch_max, check=False)
+    vp = jagged_to_padded(v, offsets, batch_max, check=False)
     scores = torch.einsum("bihd,bjhd->bhij", qp, kp) * alpha
-    tsp = jagged_to_padded(timestamps, offsets, batch_max) if timestamps is not None else None
+    tsp = jagged_to_padded(timestamps, offsets, batch_max, check=False) if timestamps is not None else None
     bias = hstu_relative_bias(lengths, batch_max, num_targets, tsp, pos_bias, time_bias)
     if bias is not None:
         scores = scores + bias.to(scores.dtype)

@@ -41,14 +41,14 @@ def pytorch_target_attention(
     history_lengths = lengths_from_offsets(kv_offsets)
     max_targets = int(target_lengths.max()) if target_lengths.numel() else 0
     max_history = int(history_lengths.max()) if history_lengths.numel() else 0
-    qp = jagged_to_padded(q, q_offsets, max_targets)  # [R, T, H, D]
-    kp = jagged_to_padded(k, kv_offsets, max_history)  # [R, L, H, D]
-    vp = jagged_to_padded(v, kv_offsets, max_history)  # [R, L, H, Dv]
+    qp = jagged_to_padded(q, q_offsets, max_targets, check=False)  # [R, T, H, D]
+    kp = jagged_to_padded(k, kv_offsets, max_history, check=False)  # [R, L, H, D]
+    vp = jagged_to_padded(v, kv_offsets, max_history, check=False)  # [R, L, H, Dv]
     scores = torch.einsum("rthd,rlhd->rhtl", qp, kp) * scale  # [R, H, T, L]
     key_pos = torch.arange(max_history, device=q.device)
     visible = (key_pos.view(1, 1, -1) < history_lengths.view(-1, 1, 1)).expand(-1, max_targets, -1)  # [R, T, L]
     if key_limit is not None:
-        limits = jagged_to_padded(key_limit.to(torch.int64), q_offsets, max_targets)  # [R, T]
+        limits = jagged_to_padded(key_limit.to(torch.int64), q_offsets, max_targets, check=False)  # [R, T]
         visible = visible & (key_pos.view(1, 1, -1) < limits.unsqueeze(-1))
     visible = visible[:, None]  # [R, 1, T, L]
     has_key = visible.any(-1, keepdim=True)  # [R, 1, T, 1]
