@@ -18,6 +18,8 @@ Imports torch and the jagged utilities only: everything above it (models, servin
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -358,8 +360,34 @@ def _offsets(name: str, offsets: torch.Tensor, total: int) -> None:
         raise RequestError(f"{name}: {err}") from None
 
 
+_CHECKED = contextvars.ContextVar("merlin_longseq_inputs_checked", default=False)
+
+
+@contextlib.contextmanager
+def inputs_checked():
+    """Inside it, check_history and check_candidates (the models' own checks) return at once: for a caller that
+    has just run validate_request on the host (a scorer), whose model then gets the same request on the GPU,
+    where every check would read values back (a device sync each). Per thread / task (a context variable)."""
+    token = _CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CHECKED.reset(token)
+
+
 def check_history(limits: RequestLimits, item_ids, actions, timestamps, offsets, request_time, user_ids) -> None:
     """The structural checks of a history (what a model's forward runs on every call; cheap)."""
+    if not _CHECKED.get():
+        _history_checks(limits, item_ids, actions, timestamps, offsets, request_time, user_ids)
+
+
+def check_candidates(limits: RequestLimits, cand_item_ids, cand_offsets, requests: int) -> None:
+    """The structural checks of a candidate list (run by a model on every scoring call; cheap)."""
+    if not _CHECKED.get():
+        _candidate_checks(limits, cand_item_ids, cand_offsets, requests)
+
+
+def _history_checks(limits: RequestLimits, item_ids, actions, timestamps, offsets, request_time, user_ids) -> None:
     _check_int_vector("hist_item_ids", item_ids)
     events = item_ids.shape[0]
     for name, t in (("hist_actions", actions), ("hist_timestamps", timestamps)):
@@ -379,8 +407,7 @@ def check_history(limits: RequestLimits, item_ids, actions, timestamps, offsets,
         _check_ids("user_ids", user_ids, 0, limits.num_users)
 
 
-def check_candidates(limits: RequestLimits, cand_item_ids, cand_offsets, requests: int) -> None:
-    """The structural checks of a candidate list (run by a model on every scoring call; cheap)."""
+def _candidate_checks(limits: RequestLimits, cand_item_ids, cand_offsets, requests: int) -> None:
     _check_int_vector("cand_item_ids", cand_item_ids)
     _offsets("cand_offsets", cand_offsets, cand_item_ids.shape[0])
     if cand_offsets.numel() - 1 != requests:
@@ -401,10 +428,11 @@ def validate_request(batch: RequestBatch, limits: RequestLimits) -> None:
     id 0, no unknown-item id), events strictly before their request's time and oldest first, time gaps that
     fit int64, labels one per candidate.
     """
-    check_history(limits, batch.hist_item_ids, batch.hist_actions, batch.hist_timestamps, batch.hist_offsets,
-                  batch.request_time, batch.user_ids)
+    # always checked, also inside inputs_checked()
+    _history_checks(limits, batch.hist_item_ids, batch.hist_actions, batch.hist_timestamps, batch.hist_offsets,
+                    batch.request_time, batch.user_ids)
     requests = batch.num_requests
-    check_candidates(limits, batch.cand_item_ids, batch.cand_offsets, requests)
+    _candidate_checks(limits, batch.cand_item_ids, batch.cand_offsets, requests)
     if requests == 0:
         raise RequestError("the batch holds no request")
     for name, needed, tensor in (("hist_actions", limits.needs_actions, batch.hist_actions),
@@ -487,4 +515,5 @@ def check_label_lengths(cand_lengths, label_lengths: Mapping[str, object]) -> No
 
 
 __all__ = ["RequestBatch", "RequestColumns", "RequestError", "RequestLimits", "check_candidates", "check_history",
+           "inputs_checked",
            "check_label_lengths", "validate_request"]

@@ -9,13 +9,14 @@ and top-k equal the in-process item scores.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
 import torch
 
 from merlin_longseq import registry
-from merlin_longseq.request import RequestBatch, RequestError, validate_request
+from merlin_longseq.request import RequestBatch, RequestError, check_history, inputs_checked, validate_request
 from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 from request_factory import random_requests
 
@@ -232,3 +233,22 @@ def test_unknown_history_items_read_as_out_of_vocabulary_unknown_candidates_refu
     candidates[3] = 1
     with pytest.raises(RequestError, match=r"request 1: cand_item_ids\[0\] = 1 is not in the model's vocabulary"):
         validate_request(dataclasses.replace(batch, cand_item_ids=candidates), limits)
+
+
+def test_inputs_checked_skips_only_the_models_own_checks():
+    """A scorer validates a request on the host, then enters inputs_checked() so the model does not re-read it
+    from the device; the contract itself (validate_request) is never skipped."""
+    batch = requests()
+    limits = dataclasses.replace(ranking_model("stca").limits, max_history=16)
+    validate_request(batch, limits)  # the good batch passes
+    bad = dataclasses.replace(batch, hist_item_ids=batch.hist_item_ids + 100)  # ids outside the vocabulary
+    history = (bad.hist_item_ids, bad.hist_actions, bad.hist_timestamps, bad.hist_offsets, bad.request_time,
+               bad.user_ids)
+    with pytest.raises(RequestError, match="hist_item_ids"):
+        check_history(limits, *history)
+    with inputs_checked():
+        check_history(limits, *history)  # trusted: no check, no read-back
+        with pytest.raises(RequestError, match="hist_item_ids"):
+            validate_request(bad, limits)
+    with pytest.raises(RequestError, match="hist_item_ids"):  # and the context is left as found
+        check_history(limits, *history)

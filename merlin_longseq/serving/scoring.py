@@ -29,7 +29,7 @@ from dataclasses import fields, is_dataclass
 import torch
 
 from merlin_longseq import registry
-from merlin_longseq.request import RequestBatch, RequestError, RequestLimits, validate_request
+from merlin_longseq.request import RequestBatch, RequestError, RequestLimits, inputs_checked, validate_request
 
 # served requests are checked by the request core's one validator, with the limits the model and export set
 __all__ = ["RequestBatch", "RequestError", "RequestLimits", "Scorer", "UserStateCache", "fingerprint", "make_scorer",
@@ -138,7 +138,8 @@ class Scorer:
         """Logits [C, num_tasks] (float32, CPU) for every candidate of the batch, in request order."""
         validate_request(batch, self.limits)
         batch = batch.to(self.device)
-        with self._lock:
+        # checked whole on the host just now: the model's own checks would re-read it from the device
+        with self._lock, inputs_checked():
             if self.cache is None or not use_cache or batch.user_ids is None:
                 return self.score_state(self.encode(batch), batch.cand_item_ids, batch.cand_offsets).float().cpu()
             # per request: each one's user side comes from (or goes to) the cache
@@ -184,7 +185,7 @@ class NextItemScorer(Scorer):
             raise RequestError(f"k must lie in [1, {self.model.num_items}] (the catalogue), got {k}")
         validate_request(batch, self.limits)
         batch = batch.to(self.device)
-        with self._lock:
+        with self._lock, inputs_checked():
             scores = self.model.item_scores(self.encode(batch)).float()  # [R, num_items + 1], column 0 = -inf
             if never:
                 scores[:, list(never)] = float("-inf")
