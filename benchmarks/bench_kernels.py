@@ -527,8 +527,18 @@ def bench_peer(results, quick, peer_path):
         rows.append(row)
         print(f"{case:24s} {ours[0]:9.3f} {peer[0]:9.3f} {row['fwd_ratio']:6.2f} {ours[1]:9.3f} {peer[1]:9.3f} "
               f"{row['fwd_bwd_ratio']:6.2f}", flush=True)
+        _checkpoint(results)  # a long grid: a cut-off run keeps the rows it measured
         del q, k, v, grad
         torch.cuda.empty_cache()
+
+
+_RESULTS_PATH = None  # set by main: where _checkpoint writes the JSON
+
+
+def _checkpoint(results):
+    if _RESULTS_PATH:
+        with open(_RESULTS_PATH, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 def ceilings(results):
@@ -592,6 +602,8 @@ def main():
     ceilings(results)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_kernels.json")
+    global _RESULTS_PATH
+    _RESULTS_PATH = path
     for name, fn in (("target", bench_target_attention), ("hstu", bench_hstu), ("semi", bench_semi_local),
                      ("memory", bench_memory), ("floor", bench_launch_floor),
                      ("peer", lambda r, q: bench_peer(r, q, args.peer) if args.peer else None)):
