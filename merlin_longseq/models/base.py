@@ -69,6 +69,17 @@ class RankingModel(nn.Module):
     def _task_linear(self) -> nn.Linear:
         raise NotImplementedError
 
+    def _build_tower(self, width: int, mlp_dims, dropout: float, num_tasks: int) -> None:
+        """The MLP tower (Linear, SiLU, Dropout per hidden size) over `width` inputs and one logit per task
+        (self.tower, self.hidden_dim, self.heads; heads None when headless), as tower_hidden reads them."""
+        layers = []
+        for size in mlp_dims:
+            layers += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(dropout)]
+            width = size
+        self.tower = nn.Sequential(*layers)
+        self.hidden_dim = width
+        self.heads = nn.Linear(width, num_tasks) if num_tasks else None  # row t = task t's head
+
     def tower_hidden(self, summary, target, user_tokens, request_of, product: bool = True):
         """self.tower(MLP) over [summary || target (|| summary * target) (|| user token)] per candidate."""
         features = [summary, target]

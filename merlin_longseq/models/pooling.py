@@ -66,13 +66,7 @@ class MeanPoolModel(RankingModel):
         # item + action only (no time or recency buckets): the plain baseline; actions start random as before
         self.tokenizer = HistoryTokenizer(d, cfg.num_actions, zero_init=False)
         self.user_embedding = nn.Embedding(cfg.num_users + 1, d, padding_idx=0) if cfg.num_users else None
-        layers, width = [], (3 + bool(cfg.num_users)) * d
-        for size in cfg.mlp_dims:
-            layers += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(cfg.dropout)]
-            width = size
-        self.tower = nn.Sequential(*layers)
-        self.hidden_dim = width
-        self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
+        self._build_tower((3 + bool(cfg.num_users)) * d, cfg.mlp_dims, cfg.dropout, cfg.num_tasks)
 
     def _task_linear(self) -> nn.Linear:
         return self.heads

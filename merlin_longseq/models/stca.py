@@ -191,13 +191,7 @@ class STCAModel(RankingModel):
         self.query_ffn = SwiGLU(d, int(cfg.ffn_mult * d), cfg.residual_ffn)
         self.query_norm = nn.LayerNorm(d)
         self.layers = nn.ModuleList(STCALayer(cfg, i) for i in range(cfg.n_layers))
-        tower, width = [], (2 + bool(cfg.num_users) + cfg.target_product) * d
-        for size in cfg.mlp_dims:
-            tower += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(cfg.dropout)]
-            width = size
-        self.tower = nn.Sequential(*tower)
-        self.hidden_dim = width
-        self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None  # row t = task t's head
+        self._build_tower((2 + bool(cfg.num_users) + cfg.target_product) * d, cfg.mlp_dims, cfg.dropout, cfg.num_tasks)
 
     def _task_linear(self) -> nn.Linear:
         return self.heads

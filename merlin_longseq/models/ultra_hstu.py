@@ -111,13 +111,7 @@ class ULTRAHSTUModel(RankingModel):
         self.layers = nn.ModuleList(HSTULayer(self.hstu_cfg) for _ in range(cfg.n_layers))
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.output_norm = nn.LayerNorm(d)
-        tower, width = [], (3 + bool(cfg.num_users)) * d
-        for size in cfg.mlp_dims:
-            tower += [nn.Linear(width, size), nn.SiLU(), nn.Dropout(cfg.dropout)]
-            width = size
-        self.tower = nn.Sequential(*tower)
-        self.hidden_dim = width
-        self.heads = nn.Linear(width, cfg.num_tasks) if cfg.num_tasks else None
+        self._build_tower((3 + bool(cfg.num_users)) * d, cfg.mlp_dims, cfg.dropout, cfg.num_tasks)
 
     def _task_linear(self) -> nn.Linear:
         return self.heads

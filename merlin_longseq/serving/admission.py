@@ -33,7 +33,7 @@ DRAIN_ENV = "MERLIN_LONGSEQ_DRAIN_FILE"
 DEFAULT_MAX_CANDIDATES = 16_384
 MAX_REQUESTS_PER_CALL = 64  # rows of one Triton request (the client sends one; batching clients may send more)
 HEADROOM_BYTES = 1 << 20  # HTTP's JSON header and framing, gRPC's message framing
-_MANIFEST = "merlin_longseq.json"
+MANIFEST = "merlin_longseq.json"  # the repository's manifest (repository.py writes it; here: no torch import)
 
 
 class RequestTooLarge(ValueError):
@@ -123,7 +123,7 @@ def _too_long(request: int | None, count: int, name: str, cap: int, what: str) -
 def repository_byte_cap(repo_dir: str) -> int | None:
     """The largest call byte cap among the models of a repository's merlin_longseq.json (None: no manifest or
     no bounded model)."""
-    path = os.path.join(repo_dir, _MANIFEST)
+    path = os.path.join(repo_dir, MANIFEST)
     try:
         with open(path, encoding="utf-8") as f:
             models = json.load(f).get("models", {})

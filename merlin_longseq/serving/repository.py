@@ -31,10 +31,10 @@ from merlin.systems.dag.runtimes.triton.ops.workflow import TransformWorkflowTri
 
 from merlin_longseq import registry
 from merlin_longseq.request import RequestColumns
+from merlin_longseq.serving.admission import MANIFEST
 from merlin_longseq.serving.operator import PredictLongSeq
 from merlin_longseq.serving.scoring import serving_limits
 
-MANIFEST = "merlin_longseq.json"
 ENTRY_MODEL = "executor_model"
 # Categorify (NVTabular 23.08) encodes 0 = padding, 1 = null, 2 = out of vocabulary, 3.. = vocabulary
 CATEGORIFY_UNKNOWN_IDS = (1, 2)

@@ -122,7 +122,7 @@ def pytorch_hstu_attention(
     padded = batch * batch_max * batch_max
     # ragged long sequences (length-extrapolation windows: a few long, most short): the padded block does
     # mostly wasted work, so each sequence runs alone once padding would more than double the score entries
-    ragged = batch_max >= _RAGGED_MIN_LEN and 2 * int((lengths * lengths).sum()) < padded
+    ragged = batch > 1 and batch_max >= _RAGGED_MIN_LEN and 2 * int((lengths * lengths).sum()) < padded
     if batch > 1 and (ragged or padded * q.shape[1] > _PADDED_SCORES_BUDGET):
         # long sequences: the padded [B, H, S, S] block would take gigabytes; the same computation per group
         # of sequences keeps it bounded (each sequence's output depends on that sequence only)
