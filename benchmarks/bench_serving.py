@@ -35,14 +35,22 @@ def one_request(history: int, candidates: int, num_items: int, seed: int = 0) ->
 
 
 def models(num_items: int, backend: str):
+    """name -> model; "-bf16" = the same architecture with mixed_precision (bf16 autocast, bf16 kernels)."""
+    longer = dict(num_items=num_items, num_users=10, token_dim=32, merge_size=4, n_heads=4, n_layers=2,
+                  num_recent_queries=100)
+    ultra = dict(num_items=num_items, num_users=10, d_model=64, n_heads=4, n_layers=2, max_seq_len=16_384,
+                 backend=backend)
     return {
         "stca": STCAModel(STCAConfig(num_items=num_items, num_users=10, d_model=64, n_heads=4, n_layers=2,
                                      backend=backend)),
-        "longer": LONGERModel(LONGERConfig(num_items=num_items, num_users=10, token_dim=32, merge_size=4,
-                                           n_heads=4, n_layers=2, num_recent_queries=100)),
-        "ultra-hstu": ULTRAHSTUModel(ULTRAHSTUConfig(num_items=num_items, num_users=10, d_model=64, n_heads=4,
-                                                     n_layers=2, max_seq_len=16_384, backend=backend)),
+        "longer": LONGERModel(LONGERConfig(**longer)),
+        "longer-bf16": LONGERModel(LONGERConfig(**longer, mixed_precision=True)),
+        "ultra-hstu": ULTRAHSTUModel(ULTRAHSTUConfig(**ultra)),
+        "ultra-hstu-bf16": ULTRAHSTUModel(ULTRAHSTUConfig(**ultra, mixed_precision=True)),
     }
+
+
+ARCHS = ("stca", "longer", "longer-bf16", "ultra-hstu", "ultra-hstu-bf16")
 
 
 def timed(fn, repeats: int, warmup: int) -> np.ndarray:
@@ -65,7 +73,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--backend", default="auto", help="STCA attention backend: auto | triton | pytorch")
-    parser.add_argument("--arch", action="append", choices=["stca", "longer", "ultra-hstu"])
+    parser.add_argument("--arch", action="append", choices=ARCHS)
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators (host and device time) of one call per arch")
     args = parser.parse_args(argv)
@@ -74,7 +82,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, threads {torch.get_num_threads()}: one request, "
           f"history {args.history}, {args.candidates} candidates, {args.repeats} timed calls")
-    print(f"{'model':11s} {'cache':8s} {'p50 ms':>9s} {'p99 ms':>9s}")
+    print(f"{'model':15s} {'cache':8s} {'p50 ms':>9s} {'p99 ms':>9s}")
     for arch, model in models(args.num_items, args.backend).items():
         if args.arch and arch not in args.arch:
             continue
@@ -83,7 +91,7 @@ def main(argv=None) -> None:
         cached.score(request)  # fill the cache: the timed calls are hits
         for label, scorer, use_cache in (("none", plain, False), ("hit", cached, True)):
             ms = timed(lambda: scorer.score(request, use_cache=use_cache), args.repeats, args.warmup)
-            print(f"{arch:11s} {label:8s} {np.percentile(ms, 50):9.2f} {np.percentile(ms, 99):9.2f}")
+            print(f"{arch:15s} {label:8s} {np.percentile(ms, 50):9.2f} {np.percentile(ms, 99):9.2f}")
             if args.profile:
                 profile(lambda: scorer.score(request, use_cache=use_cache), f"{arch} cache={label}")
 

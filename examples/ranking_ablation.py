@@ -79,6 +79,12 @@ VARIANTS = {
         "base": ("the job's ULTRA-HSTU", {}, {}),
         "local": ("history rows semi-local (window 64)", {"local_window": 64}, {}),
         "one-layer": ("one layer", {"n_layers": 1}, {}),
+        "qk-linear": ("Q and K without SiLU (qk_activation linear): SiLU(q.k) can vanish on unrelated events",
+                      {"qk_activation": "linear"}, {}),
+        "qk-linear-1l": ("qk-linear, one layer", {"qk_activation": "linear", "n_layers": 1}, {}),
+        "qk-linear-d64": ("qk-linear, d_model 64", {"qk_activation": "linear", "d_model": 64}, {}),
+        "qk-linear-lr1e-3": ("qk-linear, learning rate 1e-3", {"qk_activation": "linear"}, {"learning_rate": 1e-3}),
+        "bf16": ("mixed precision (bf16 autocast)", {"mixed_precision": True}, {}),
     },
     "stca": {
         "base": ("the job's STCA", {}, {}),

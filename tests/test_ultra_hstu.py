@@ -44,7 +44,7 @@ def full_sequence_logits(model: ULTRAHSTUModel, batch: RequestBatch) -> torch.Te
 
 @pytest.mark.parametrize("options", [
     {}, {"local_window": 3, "global_prefix": 1}, {"truncated_layers": 1, "truncated_len": 4},
-    {"num_time_buckets": 0, "num_position_buckets": 0},
+    {"num_time_buckets": 0, "num_position_buckets": 0}, {"qk_activation": "linear"},
 ])
 def test_delta_query_equals_the_full_sequence_with_targets(options):
     torch.manual_seed(0)
@@ -62,6 +62,44 @@ def test_delta_query_equals_the_full_sequence_with_targets(options):
         delta = model(**batch.model_inputs)
         full = full_sequence_logits(model, batch)
     torch.testing.assert_close(delta, full, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_qk_lets_scores_go_negative_and_rejects_unknown_activations():
+    """qk_activation="linear": Q and K keep their sign (SiLU'd ones are > -0.28 per entry), U and V stay SiLU'd."""
+    torch.manual_seed(0)
+    x = torch.randn(50, 16)
+    silu_model = ULTRAHSTUModel(ULTRAHSTUConfig(num_items=NUM_ITEMS, d_model=16, max_seq_len=32, backend="pytorch"))
+    linear_model = ULTRAHSTUModel(ULTRAHSTUConfig(num_items=NUM_ITEMS, d_model=16, max_seq_len=32, backend="pytorch",
+                                                  qk_activation="linear"))
+    linear_model.load_state_dict(silu_model.state_dict())
+    u, q, k, v = silu_model.layers[0].project(x)
+    u2, q2, k2, v2 = linear_model.layers[0].project(x)
+    torch.testing.assert_close(u2, u)
+    torch.testing.assert_close(v2, v)
+    torch.testing.assert_close(torch.nn.functional.silu(q2), q)
+    torch.testing.assert_close(torch.nn.functional.silu(k2), k)
+    assert q.min() > -0.28 and q2.min() < -0.5
+    with pytest.raises(ValueError, match="qk_activation"):
+        ULTRAHSTUConfig(num_items=NUM_ITEMS, qk_activation="relu")
+
+
+def test_mixed_precision_runs_in_bf16_and_follows_fp32():
+    """mixed_precision=True: the user state is kept in bf16, logits come back float32 and close to fp32 ones."""
+    torch.manual_seed(0)
+    cfg = ULTRAHSTUConfig(num_items=NUM_ITEMS, d_model=16, n_heads=2, n_layers=2, max_seq_len=32,
+                          tasks=("click",), backend="pytorch")
+    full = ULTRAHSTUModel(cfg).eval()
+    mixed = ULTRAHSTUModel(ULTRAHSTUConfig(**{**cfg.__dict__, "mixed_precision": True})).eval()
+    mixed.load_state_dict(full.state_dict())
+    batch = requests([7, 0, 12, 1], [3, 2, 4, 1])
+    with torch.no_grad():
+        state = mixed.encode_user(**batch.history)
+        assert all(k.dtype == torch.bfloat16 for k in state.keys)
+        low = mixed.score_candidates(state, batch.cand_item_ids, batch.cand_offsets)
+        high = full(**batch.model_inputs)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, high, atol=5e-2, rtol=5e-2)
+    assert not torch.equal(low, high)  # it did run in bf16
 
 
 def test_candidates_never_see_each_other_and_gradients_reach_every_layer():

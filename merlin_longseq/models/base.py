@@ -6,6 +6,7 @@ A ranking model subclasses RankingModel, implements encode_user / candidate_hidd
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -68,6 +69,12 @@ class RankingModel(nn.Module):
 
     def _task_linear(self) -> nn.Linear:
         raise NotImplementedError
+
+    def _autocast(self, device: torch.device):
+        """bf16 autocast on `device` when the config asks for mixed_precision (one rule for every architecture)."""
+        if not getattr(self.cfg, "mixed_precision", False):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def _build_tower(self, width: int, mlp_dims, dropout: float, num_tasks: int) -> None:
         """The MLP tower (Linear, SiLU, Dropout per hidden size) over `width` inputs and one logit per task

@@ -32,6 +32,9 @@ from merlin_longseq.jagged import (
 from merlin_longseq.ops.hstu_attention import hstu_attention
 
 
+QK_ACTIVATIONS = ("silu", "linear")
+
+
 @dataclass
 class HSTUConfig:
     d_model: int = 64
@@ -51,6 +54,10 @@ class HSTUConfig:
     truncated_len: int | None = None  # L'
     num_transducers: int = 1
     output_norm: bool = True
+    # "silu": U, V, Q, K = SiLU(f1(LN(X))) as published. "linear": Q and K skip the SiLU, so q.k can be negative
+    # and SiLU(q.k) ~ 0 for unrelated events: a sparse sum that can single out a few matches among thousands
+    # (with SiLU'd, mostly positive Q and K every event adds weight; see docs/RESULTS.md, ULTRA-HSTU)
+    qk_activation: str = "silu"
     backend: str = "auto"
 
     def __post_init__(self):
@@ -88,6 +95,8 @@ class HSTUConfig:
             raise ValueError("truncated_layers > 0 needs truncated_len (L')")
         if self.num_transducers < 1:
             raise ValueError("num_transducers must be >= 1")
+        if self.qk_activation not in QK_ACTIVATIONS:
+            raise ValueError(f"qk_activation must be one of {QK_ACTIVATIONS}, got {self.qk_activation!r}")
         Backend.parse(self.backend)
 
     @classmethod
@@ -153,8 +162,12 @@ class HSTULayer(nn.Module):
         """x [total, d] -> u [total, H * dv], q, k [total, H, dqk], v [total, H, dv] (f1 of the layer)."""
         cfg = self.cfg
         heads, dqk, dv = cfg.n_heads, cfg.attn_dim, cfg.hidden_dim
-        u, v, q, k = torch.split(F.silu(self.uvqk(self.input_norm(x))),
-                                 [heads * dv, heads * dv, heads * dqk, heads * dqk], dim=-1)
+        uvqk = self.uvqk(self.input_norm(x))
+        if cfg.qk_activation == "silu":
+            uvqk = F.silu(uvqk)
+        else:  # "linear": SiLU on U and V only
+            uvqk = torch.cat([F.silu(uvqk[:, :2 * heads * dv]), uvqk[:, 2 * heads * dv:]], dim=-1)
+        u, v, q, k = torch.split(uvqk, [heads * dv, heads * dv, heads * dqk, heads * dqk], dim=-1)
         return u, q.reshape(-1, heads, dqk), k.reshape(-1, heads, dqk), v.reshape(-1, heads, dv)
 
     def finish(self, x, av, u):

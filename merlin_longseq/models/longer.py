@@ -722,11 +722,6 @@ class LONGERModel(RankingModel):
         if self.cfg.num_tasks == 0:
             raise RuntimeError("this LONGERModel was built headless (num_tasks=0); use candidate_hidden")
 
-    def _autocast(self, device):
-        if not self.cfg.mixed_precision:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
     def _maybe_checkpoint(self, fn, *args):
         if self.cfg.recompute and torch.is_grad_enabled():
             return checkpoint(fn, *args, use_reentrant=False)

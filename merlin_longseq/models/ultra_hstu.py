@@ -54,6 +54,8 @@ class ULTRAHSTUConfig(NamedTasksConfig):
     global_prefix: int = 0  # K2
     truncated_layers: int = 0  # N2: trailing layers on the truncated_len most recent history tokens
     truncated_len: int | None = None  # L'
+    qk_activation: str = "silu"  # HSTUConfig.qk_activation: "linear" lets SiLU(q.k) vanish on unrelated events
+    mixed_precision: bool = False  # bf16 autocast on the input's device (the attention kernel then runs in bf16)
     tasks: tuple[str, ...] = ("click",)
     mlp_dims: tuple[int, ...] = (64,)
     dropout: float = 0.0
@@ -75,7 +77,7 @@ class ULTRAHSTUConfig(NamedTasksConfig):
                           num_position_buckets=self.num_position_buckets, num_time_buckets=self.num_time_buckets,
                           local_window=self.local_window, global_prefix=self.global_prefix,
                           truncated_layers=self.truncated_layers, truncated_len=self.truncated_len,
-                          backend=self.backend)
+                          qk_activation=self.qk_activation, backend=self.backend)
 
 
 @dataclass
@@ -126,6 +128,10 @@ class ULTRAHSTUModel(RankingModel):
         check_history(self.limits, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
         hist_item_ids, hist_actions, hist_timestamps, hist_offsets = self.sample_recent(
             hist_item_ids, hist_actions, hist_timestamps, hist_offsets)
+        with self._autocast(hist_offsets.device):
+            return self._encode(hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids)
+
+    def _encode(self, hist_item_ids, hist_actions, hist_timestamps, hist_offsets, request_time, user_ids):
         cfg, hcfg = self.cfg, self.hstu_cfg
         x = self.input_dropout(self.tokenizer(self.item_embedding(hist_item_ids), hist_actions, hist_timestamps,
                                               hist_offsets, request_time))
@@ -157,6 +163,10 @@ class ULTRAHSTUModel(RankingModel):
     def candidate_hidden(self, state: ULTRAHSTUUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         """Tower output [total_candidates, hidden_dim] of the candidates against a (cached) user state."""
         check_candidates(self.limits, cand_item_ids, cand_offsets, state.num_requests)
+        with self._autocast(cand_item_ids.device):
+            return self._candidate_hidden(state, cand_item_ids, cand_offsets).float()
+
+    def _candidate_hidden(self, state, cand_item_ids, cand_offsets):
         target = self.item_embedding(cand_item_ids)  # action masked: the zero action adds nothing
         y = self.input_dropout(target)
         request_of, slot = jagged_positions(cand_offsets)
@@ -172,7 +182,7 @@ class ULTRAHSTUModel(RankingModel):
     def score_candidates(self, state: ULTRAHSTUUserState, cand_item_ids, cand_offsets) -> torch.Tensor:
         if self.heads is None:
             raise RuntimeError("this ULTRAHSTUModel was built headless (tasks=()); use candidate_hidden")
-        return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))
+        return self.heads(self.candidate_hidden(state, cand_item_ids, cand_offsets))  # fp32 head on fp32 hidden
 
     def _target_attention(self, layer, q, k_self, v_self, keys, values, times, offsets, request_time, request_of,
                           slot, width):
