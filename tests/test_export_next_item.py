@@ -53,8 +53,9 @@ def test_exported_step_answers_top_k_and_candidate_scores_like_the_model(tmp_pat
     pytest.importorskip("merlin.systems")
     from merlin.table import TensorTable
 
+    from merlin_longseq.serving.artifacts import load_model
+    from merlin_longseq.serving.operator import PredictLongSeq
     from merlin_longseq.serving.repository import export, read_manifest
-    from merlin_longseq.serving.operator import PredictLongSeq, load_model
 
     model = _built(top_k=5)
     manifest = export(str(tmp_path / "repo"), None, model, top_k=5, name="hstu")

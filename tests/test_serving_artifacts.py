@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("merlin.systems")
 
 from merlin_longseq.models.stca import STCAConfig, STCAModel  # noqa: E402
-from merlin_longseq.serving.operator import CONFIG_FILE, WEIGHTS_FILE, PredictLongSeq  # noqa: E402
+from merlin_longseq.serving.artifacts import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
+from merlin_longseq.serving.operator import PredictLongSeq  # noqa: E402
 from merlin_longseq.serving.scoring import serving_limits  # noqa: E402
 
 

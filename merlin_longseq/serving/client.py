@@ -45,12 +45,15 @@ class ScoringClient:
         self._tc = tc
         metadata = self._client.get_model_metadata(model_name)
         if protocol == "grpc":
-            inputs = [(t.name, t.datatype) for t in metadata.inputs]
+            inputs = [(t.name, t.datatype, len(t.shape)) for t in metadata.inputs]
             outputs = [t.name for t in metadata.outputs]
         else:
-            inputs = [(t["name"], t["datatype"]) for t in metadata["inputs"]]
+            inputs = [(t["name"], t["datatype"], len(t["shape"])) for t in metadata["inputs"]]
             outputs = [t["name"] for t in metadata["outputs"]]
-        self.input_types = dict(inputs)
+        self.input_types = {name: dtype for name, dtype, _ in inputs}
+        # a model with Triton's dynamic batcher (max_batch_size > 0) declares a leading batch dimension: one
+        # request is then a batch of 1 (serving/model_only.py); the ensemble declares none
+        self.batched = any(rank == 2 for _, _, rank in inputs)
         self.list_columns = sorted({n[: -len("__values")] for n in self.input_types if n.endswith("__values")})
         self.scalar_columns = sorted(n for n in self.input_types if "__" not in n)
         self.output_columns = sorted({n.rsplit("__", 1)[0] for n in outputs})
@@ -84,6 +87,8 @@ class ScoringClient:
                 declared = self.input_types.get(tensor_name)
                 if strict_types and declared in _NUMPY_OF and not tensor_name.endswith("__offsets"):
                     data = data.astype(_NUMPY_OF[declared])  # offsets are int32 already
+                if self.batched:
+                    data = data.reshape(1, -1)
                 tensor = self._tc.InferInput(tensor_name, list(data.shape), _triton_type(data.dtype))
                 tensor.set_data_from_numpy(np.ascontiguousarray(data))
                 inputs.append(tensor)
@@ -103,7 +108,7 @@ class ScoringClient:
             result = self._client.infer(self.model_name, list(inputs), outputs=outputs)
         except self._exception_type() as err:
             raise ScoringError(str(err), status=err.status()) from None
-        return {c: result.as_numpy(f"{c}__values") for c in self.output_columns}
+        return {c: result.as_numpy(f"{c}__values").reshape(-1) for c in self.output_columns}
 
     def _exception_type(self):
         from tritonclient.utils import InferenceServerException

@@ -16,9 +16,7 @@ read with weights_only=True; on CUDA when the server sees a GPU).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import os
 
 import numpy as np
@@ -31,61 +29,11 @@ from merlin.table import TensorTable
 
 from merlin_longseq import registry
 from merlin_longseq.request import RequestBatch, RequestColumns, RequestError, RequestLimits
+from merlin_longseq.serving.artifacts import (VOCABULARY_FILE, WEIGHTS_FILE, _sha256, load_model, model_files,
+                                              resolve_device)
 from merlin_longseq.serving.scoring import UserStateCache, make_scorer
 
-CONFIG_FILE = "merlin_longseq_model.json"
-WEIGHTS_FILE = "merlin_longseq_model.pt"
-VOCABULARY_FILE = "merlin_longseq_items.npy"  # raw item id of every encoded id (top-k decoding)
 TOPK_IDS, TOPK_SCORES = "topk_item_id", "topk_score"
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return device
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def verify_artifacts(artifact_path: str, checksums: dict) -> None:
-    """Every artifact file exists and has the checksum recorded at export; ValueError naming the file if not."""
-    for name, expected in checksums.items():
-        path = os.path.join(artifact_path, name)
-        if not os.path.isfile(path):
-            raise ValueError(f"{path} is missing: the repository is incomplete; export it again")
-        with open(path, "rb") as f:
-            if _sha256(f.read()) != expected:
-                raise ValueError(f"{path} does not match the checksum recorded at export (damaged or replaced); "
-                                 "export the model again")
-
-
-def load_model(artifact_path: str, checksums: dict | None = None) -> torch.nn.Module:
-    """The served model from an artifact folder: JSON description + state dict (weights_only, strict, finite).
-
-    checksums: {file name: sha256} recorded at export; every file is verified before it is read.
-    """
-    if checksums:
-        verify_artifacts(artifact_path, checksums)
-    with open(os.path.join(artifact_path, CONFIG_FILE), encoding="utf-8") as f:
-        description = json.load(f)
-    model = registry.model_from_dict(description)
-    weights = os.path.join(artifact_path, WEIGHTS_FILE)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    bad = [name for name, value in state.items() if value.is_floating_point() and not bool(value.isfinite().all())]
-    if bad:
-        raise ValueError(f"{weights} holds non-finite values (NaN / inf) in {bad[:5]}: refusing to serve it")
-    return model.eval()
-
-
-def _torch_bytes(obj) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 class PredictLongSeq(BaseOperator):
@@ -130,8 +78,7 @@ class PredictLongSeq(BaseOperator):
         self._scorer = None
         # the artifact files' bytes are fixed here, so their checksums travel in the pickled recipe and the
         # server can tell a damaged or replaced file from the one exported
-        self._files = {CONFIG_FILE: json.dumps(self._description, indent=2).encode(),
-                       WEIGHTS_FILE: _torch_bytes({k: v.detach().cpu() for k, v in model.state_dict().items()})}
+        self._files = model_files(model)
         if self._vocabulary is not None:
             buffer = io.BytesIO()
             np.save(buffer, self._vocabulary, allow_pickle=False)

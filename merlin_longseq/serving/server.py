@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import functools
 import glob
+import importlib.util
 import logging
 import os
 import re
@@ -57,12 +58,13 @@ class ServerError(RuntimeError):
 
 
 def _pytriton_root() -> str:
-    try:
-        import pytriton
-    except ImportError:
+    # located, not imported: pytriton's __init__ imports its own client stack (tritonclient, wrapt, ...), which
+    # a machine that only runs the server binary need not have
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise ServerError("the Triton server comes with the `serve` extra: pip install "
-                          "'merlin-longseq[serve]' (nvidia-pytriton)") from None
-    return os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
+                          "'merlin-longseq[serve]' (nvidia-pytriton)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "tritonserver")
 
 
 def find_tritonserver() -> str:
