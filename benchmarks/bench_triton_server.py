@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--delay-us", type=int, default=500, help="dynamic batcher's max queue delay")
     parser.add_argument("--device", default="auto", help="where the served model runs: auto | cpu | cuda")
-    parser.add_argument("--instance-kind", default="auto", choices=("auto", "cpu", "gpu"),
+    parser.add_argument("--instance-kind", default="cpu", choices=("auto", "cpu", "gpu"),
                         help="Triton instance group kind of the served model")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args(argv)

@@ -52,6 +52,7 @@ def test_export_writes_a_batched_python_model(tmp_path):
     config = (tmp_path / "stca" / "config.pbtxt").read_text()
     assert 'backend: "python"' in config and "max_batch_size: 8" in config and "dynamic_batching" in config
     assert config.count("allow_ragged_batch: true") == 10  # 4 lists x (values, offsets) + 2 scalars
+    assert "KIND_CPU" in config  # the default instance kind (the model itself may still run on CUDA)
     assert settings["outputs"] == ["score_click", "score_like"]
     saved = json.loads((tmp_path / "stca" / "1" / "model_only.json").read_text())
     assert set(saved["checksums"]) == {"merlin_longseq_model.json", "merlin_longseq_model.pt"}

@@ -55,13 +55,14 @@ def _task_outputs(model) -> list[str]:
 def export_model_only(repo_dir: str, model: torch.nn.Module, *, name: str = "longseq", max_history: int,
                       max_candidates: int = DEFAULT_MAX_CANDIDATES, device: str = "auto", max_batch_size: int = 16,
                       max_queue_delay_us: int = 500, instances: int = 1, cache_entries: int = 0,
-                      instance_kind: str = "auto") -> dict:
+                      instance_kind: str = "cpu") -> dict:
     """Write a one-model Triton repository serving a ranking `model` (see the module docstring); its settings.
 
     max_batch_size: requests the dynamic batcher may hand over at once (0 turns batching off).
     instance_kind: Triton's instance group kind, "cpu" or "gpu" ("auto": gpu when the model runs on cuda). The
                    python backend runs the model where `device` says either way; the kind sets what Triton
-                   does around it (one instance per GPU, the input buffers).
+                   does around it (one instance per GPU, where input buffers live). Default "cpu": on the H100
+                   machine a KIND_GPU instance received a request's int32 offsets as zeros (docs/PERFORMANCE.md).
     """
     if instance_kind not in ("auto", "cpu", "gpu"):
         raise ValueError(f"instance_kind must be auto, cpu or gpu, got {instance_kind!r}")
