@@ -8,6 +8,7 @@
 The data is read from ../shared/data/ml-100k beside the repository, or from $MERLIN_LONGSEQ_ML100K, or from
 --data (any MovieLens folder: u.data, ratings.dat or ratings.csv). --download fetches it from GroupLens when
 it is missing (the MovieLens license forbids redistributing it, so the repository never holds a copy).
+The same ranking job on Taobao UserBehavior: examples/taobao.py.
 """
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def main(argv=None) -> int:
 
         return movielens.main(rest)
     if args.table == "ranking":
-        from merlin_longseq.jobs import movielens_ranking
+        from merlin_longseq.jobs import request_ranking
 
-        return movielens_ranking.main(rest)
+        return request_ranking.main(rest, dataset="ml-100k")
     return 2
 
 

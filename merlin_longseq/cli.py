@@ -141,9 +141,11 @@ def _job(args) -> int:
 def _movielens(args) -> int:
     if args.table == "next-item":
         from merlin_longseq.jobs.movielens import main
-    else:
-        from merlin_longseq.jobs.movielens_ranking import main
-    return main(args.rest)
+
+        return main(args.rest)
+    from merlin_longseq.jobs.request_ranking import main
+
+    return main(args.rest, dataset="ml-100k")
 
 
 def _train(args) -> int:

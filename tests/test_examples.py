@@ -26,9 +26,14 @@ CASES = {
         ("torch", ["--quick", "--engine", "torch", "--device", "cpu", "--arch", "ultra-hstu", "--variant", "base",
                    "--out", "{out}"], "ablation.json"),
     ],
+    "needle_in_history.py": [("quick", ["--quick", "--out", "{out}"], "needle.json")],
     "movielens.py": [
         ("next-item", ["next-item", "--quick", "--out", "{out}"], "movielens_next_item.json"),
         ("ranking", ["ranking", "--quick", "--out", "{out}"], "movielens_ranking.json"),
+    ],
+    # {taobao}: a synthetic UserBehavior file (tests/taobao_fixture.py); the real data never reaches CI
+    "taobao.py": [
+        ("quick", ["--quick", "--data", "{taobao}", "--out", "{out}"], "taobao_ranking.json"),
     ],
 }
 NEEDS_ML100K = {"movielens.py"}
@@ -57,7 +62,12 @@ def test_example_runs(script, arguments, writes, tmp_path):
     out = tmp_path / "run"
     # one thread per process: the CI machine has two shared cores
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, str(EXAMPLES / script), *(a.format(out=out) for a in arguments)]
+    taobao = None
+    if any("{taobao}" in a for a in arguments):
+        from taobao_fixture import write_taobao_csv
+
+        taobao = write_taobao_csv(tmp_path / "UserBehavior.csv")
+    command = [sys.executable, str(EXAMPLES / script), *(a.format(out=out, taobao=taobao) for a in arguments)]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     if writes is None:

@@ -722,6 +722,7 @@ def build_request_workflow(
     length_sampler=None,
     seed: int = 0,
     categorify_options: Optional[dict] = None,
+    item_token: Optional[str] = None,
 ):
     """An nvt.Workflow from an impression log to the request contract, item ids optionally encoded.
 
@@ -744,6 +745,12 @@ def build_request_workflow(
 
     The grouping runs once per branch of the graph (the Categorify branch and the pass-through branch), so a
     categorified workflow groups each partition twice.
+
+    item_token: a column of both logs (e.g. "category_id") whose values hist_item_id and cand_item_id carry
+    instead of the item ids. The requests are still grouped by item (one candidate per distinct item, the
+    first row wins), but each event and candidate is written as its token (its category), so a block embeds
+    a coarser id space: one that generalises where most items are seen once. The raw item lists are not
+    written; the token goes through the same joint Categorify (categorify=True).
     """
     import nvtabular as nvt
     from merlin.dag import Node
@@ -754,22 +761,52 @@ def build_request_workflow(
                          "item vocabulary (Categorify would otherwise write into the working directory)")
     label_columns = [label_columns] if isinstance(label_columns, str) else list(label_columns)
     candidate_features = list(candidate_features)
+    if item_token is not None:
+        if item_token in (user_col, item_col, timestamp_col, request_col, request_time_col, *label_columns):
+            raise ValueError(f"item_token={item_token!r} must be a column of its own (e.g. the item's category), "
+                             "not the user, item, time, request or a label column")
+        candidate_features = [*[f for f in candidate_features if f != item_token], item_token]
+        if event_features is not None:
+            event_features = [*[f for f in event_features if f != item_token], item_token]
     selected = [user_col, request_col, request_time_col, item_col, *candidate_features, *label_columns]
     grouping = RequestGrouping(
         events, label_columns=label_columns, max_history=max_history, event_features=event_features,
         user_col=user_col, item_col=item_col, timestamp_col=timestamp_col, request_col=request_col,
         request_time_col=request_time_col, length_sampler=length_sampler, seed=seed)
+    if item_token is not None and item_token not in grouping.event_features:
+        raise ValueError(f"item_token={item_token!r} is not a column of the event log "
+                         f"(its columns: {list(grouping.events.columns)})")
     grouped = selected >> grouping
-    if not categorify:
-        return RequestWorkflow(grouped, request_col=request_col)
     item_lists = [HIST_ITEM_ID, CAND_ITEM_ID]
+    contract_order = grouping.output_column_names(ColumnSelector(selected)).names
+    if item_token is None:
+        token_lists = item_lists
+    else:
+        # hist_<token> / cand_<token> are written under the item lists' names, in their place
+        token_lists = [f"hist_{item_token}", f"cand_{item_token}"]
+        contract_order = [name for name in contract_order if name not in token_lists]
+    rest = [name for name in contract_order if name not in item_lists]
+    if not categorify:
+        if item_token is None:
+            return RequestWorkflow(grouped, request_col=request_col)
+        return RequestWorkflow((_as_item_lists(grouped[token_lists], token_lists) + grouped[rest])[contract_order],
+                               request_col=request_col)
     # Categorify takes column groups from a grouping parent: under one, the two columns share one vocabulary.
     # The grouping op gets an explicit selector, else its input schema also pulls in the raw impression
     # columns and the executor would glue those (one row per impression) beside the grouped rows.
-    as_one_group = Node.construct_from(GroupingOp(ColumnSelector(item_lists)))
-    as_one_group.add_parent(grouped[item_lists])
+    as_one_group = Node.construct_from(GroupingOp(ColumnSelector(token_lists)))
+    as_one_group.add_parent(grouped[token_lists])
     joint = as_one_group >> nvt.ops.Categorify(encode_type="joint", out_path=str(out_path),
                                                **(categorify_options or {}))
-    contract_order = grouping.output_column_names(ColumnSelector(selected)).names
-    rest = [name for name in contract_order if name not in item_lists]
+    if item_token is not None:
+        joint = _as_item_lists(joint, token_lists)
     return RequestWorkflow((joint + grouped[rest])[contract_order], request_col=request_col)
+
+
+def _as_item_lists(node, token_lists):
+    """The token lists (hist_<token>, cand_<token>) renamed to hist_item_id / cand_item_id, with the item tags."""
+    import nvtabular as nvt
+
+    names = dict(zip(token_lists, [HIST_ITEM_ID, CAND_ITEM_ID]))
+    renamed = node >> nvt.ops.Rename(f=lambda name: names.get(name, name))
+    return renamed >> nvt.ops.AddTags([Tags.ITEM_ID, Tags.ITEM, Tags.CATEGORICAL])
