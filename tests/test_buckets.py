@@ -27,3 +27,15 @@ def test_hstu_time_buckets_are_floor_log2_of_one_plus_gap():
     gaps = [v for v in _values() if v < 2**62] + [-7, -8]
     want = [min((abs(g) + 1).bit_length() - 1, 39) for g in gaps]
     assert hstu_time_buckets(torch.tensor(gaps), 40).tolist() == want
+
+
+def test_hstu_time_buckets_are_the_capped_bit_length_of_one_plus_the_gap():
+    """hstu_time_buckets (one bucketize) = bit_length(1 + |gap|) - 1 capped, at every power-of-two edge and for
+    gaps up to the int64 range, any bucket count."""
+    powers = 1 << torch.arange(0, 62)
+    gaps = torch.cat([torch.arange(-300, 300), powers, powers - 1, powers + 1, -powers, -(powers - 1),
+                      torch.tensor([2 ** 63 - 1, -(2 ** 63 - 1)]),
+                      torch.randint(-2 ** 62, 2 ** 62, (20_000,), generator=torch.Generator().manual_seed(0))])
+    for num_buckets in (1, 2, 3, 32, 62, 63, 64, 100):
+        expected = (bit_length(gaps.abs().clamp(max=1 << 62) + 1) - 1).clamp(max=num_buckets - 1)
+        assert torch.equal(hstu_time_buckets(gaps, num_buckets), expected), num_buckets
