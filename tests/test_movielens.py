@@ -324,3 +324,97 @@ def test_uniform_negatives_cover_every_id(tmp_path):
         shares[sampler_name] = float((drawn >= n_items // 2).float().mean())
     assert 0.4 < shares["uniform"] < 0.6
     assert shares["log-uniform"] < 0.1
+
+
+def _item_schema(n_items, seq_len):
+    from merlin.schema import ColumnSchema, Schema, Tags
+
+    return Schema([ColumnSchema(
+        "item_id_seq", dtype="int64", is_list=True, is_ragged=False, dims=(None, seq_len),
+        tags=[Tags.ITEM_ID, Tags.ITEM, Tags.ID, Tags.CATEGORICAL, Tags.SEQUENCE, Tags.LIST],
+        properties={"domain": {"min": 0, "max": n_items - 1, "name": "item_id"}})])
+
+
+@pytest.mark.parametrize("arch", ["hstu", "sasrec", "xlnet"])
+def test_l2_normalize_gives_unit_item_rows_and_sequence_outputs(arch):
+    """With l2_normalize the weights the tied output layer reads are unit-norm rows with a zero padding row, the
+    input lookup reads the same rows, the sequence output is unit-norm, every score is a cosine / temperature,
+    and all of it still holds after an optimiser step (which moves the underlying parameter)."""
+    import torch
+    from transformers4rec.torch.model.prediction_task import _NextItemPredictionTask
+
+    from merlin_longseq.jobs import movielens as job
+    from merlin_longseq.t4r.normalize import L2Normalize
+
+    n_items, seq_len = 300, 20
+    cfg = job.MovieLensJobConfig(**{**job.job_preset("published", quick=True), "max_seq_len": seq_len})
+    torch.manual_seed(0)
+    model = job.build_model(_item_schema(n_items, seq_len), arch, cfg)
+    [out_layer] = [m for m in model.modules() if isinstance(m, _NextItemPredictionTask)]
+    [table] = [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == n_items]
+    assert out_layer.item_embedding_table is table  # weight tying: one table, in and out
+    outputs = []
+    model.heads[0].body[-1].register_forward_hook(lambda mod, args, out: outputs.append(out))
+    assert isinstance(model.heads[0].body[-1], L2Normalize)
+
+    items = torch.randint(1, n_items, (8, seq_len), generator=torch.Generator().manual_seed(0))
+    items[:4, 12:] = 0  # right padding
+    batch = {"item_id_seq": items}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    original = table.parametrizations.weight.original.detach().clone()
+    for _ in range(2):
+        model.train()
+        loss = model(batch, training=True)["loss"]
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        weight = out_layer.item_embedding_table.weight.detach()
+        assert torch.allclose(weight[1:].norm(dim=1), torch.ones(n_items - 1), atol=1e-5)
+        assert torch.count_nonzero(weight[0]) == 0
+        assert torch.equal(table(items).detach(), weight[items])  # the input lookup reads the normalised rows
+    assert not torch.equal(table.parametrizations.weight.original, original)  # it trained
+
+    norms = outputs[-1].detach().norm(dim=-1)
+    has_target = (items[:, :-1] != 0) & (items[:, 1:] != 0)  # clm: position i predicts item i + 1
+    assert torch.allclose(norms[:, :-1][has_target], torch.ones(int(has_target.sum())), atol=1e-5)
+    assert torch.all((norms - 1).abs().lt(1e-5) | norms.eq(0))  # elsewhere unit or zero (padding stays zero)
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch, testing=True)["predictions"]
+    assert scores.shape == (8, n_items)
+    assert scores.abs().max() <= 1.0 / cfg.softmax_temperature + 1e-4
+
+
+def test_l2_normalize_embedding_alone():
+    import torch
+
+    from merlin_longseq.t4r.normalize import l2_normalize_embedding
+
+    table = torch.nn.Embedding(5, 3, padding_idx=0)
+    l2_normalize_embedding(table)
+    assert torch.allclose(table.weight[1:].norm(dim=1), torch.ones(4))
+    assert torch.count_nonzero(table.weight[0]) == 0
+    table.weight.sum().backward()  # the padding row gets no gradient (a normalised zero row would get 1/eps)
+    assert torch.count_nonzero(table.parametrizations.weight.original.grad[0]) == 0
+    with pytest.raises(ValueError, match="already"):
+        l2_normalize_embedding(table)
+
+
+def test_published_recipe_preset():
+    from merlin_longseq.jobs import movielens as job
+
+    cfg = job.MovieLensJobConfig.published()
+    assert (cfg.max_seq_len, cfg.d_model, cfg.n_heads, cfg.n_layers) == (200, 50, 1, 2)
+    assert (cfg.dropout, cfg.learning_rate, cfg.weight_decay, cfg.batch_size) == (0.2, 1e-3, 0.0, 128)
+    assert cfg.sampled_softmax and cfg.num_negatives == 128 and cfg.negative_sampler == "uniform"
+    assert cfg.l2_normalize and cfg.softmax_temperature == 0.05
+    assert cfg.epochs == 100
+    assert not job.MovieLensJobConfig().l2_normalize  # the defaults are unchanged
+    assert job.MovieLensJobConfig().softmax_temperature == 1.0
+    # --quick shrinks the sizes and keeps the recipe's loss and normalisation; no recipe = the defaults
+    quick = job.MovieLensJobConfig(**job.job_preset("published", quick=True))
+    assert quick.epochs == 1 and quick.max_users == 200 and quick.l2_normalize and quick.softmax_temperature == 0.05
+    assert job.job_preset(None, quick=False) == {}
+    with pytest.raises(ValueError, match="temperature"):
+        job.MovieLensJobConfig(softmax_temperature=0.0)
