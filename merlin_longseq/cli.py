@@ -207,7 +207,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     demo.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     demo.add_argument("--arch", action="append", choices=NEXT_ITEM_ARCHS + registry.names(registry.RANKING),
                       help="architecture(s) to train (repeatable; default hstu, hstu-50, xlnet, stca, mean-pool, "
-                           "longer; ultra-hstu and din on request). hstu/hstu-50/xlnet run the next-item part, the others the ranking part")
+                           "longer, ultra-hstu; din on request). hstu/hstu-50/xlnet run the next-item part, the others the ranking part")
     demo.add_argument("--no-serve", action="store_true",
                       help="skip part 3 (export the ranking models, serve them with Triton, query, time)")
     handlers["demo"] = _demo

@@ -304,3 +304,42 @@ def test_reference_splits_long_batches_without_changing_the_result(monkeypatch):
     monkeypatch.setattr(ref, "pytorch_hstu_attention", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
     torch.testing.assert_close(ref.pytorch_hstu_attention(q, k, v, offsets, 40, 0.3, **options), whole)
     assert len(calls) == 1 + len(lengths)  # the call, then one per sequence
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("window, prefix, with_bias", [(9, 2, True), (1, 0, False), (4, 12, True), (16, 0, True)])
+def test_reference_semi_local_blocks_equal_the_padded_block(monkeypatch, dtype, window, prefix, with_bias):
+    """Causal semi-local attention without targets runs in query blocks over the keys each block can see
+    (O(L (K1 + K2))); outputs and gradients equal the padded [S, S] block's, on lengths 0, 1 and non-multiples
+    of the block."""
+    from merlin_longseq.ops.pytorch import pt_hstu_attention as ref
+
+    torch.manual_seed(0)
+    lengths = [37, 0, 1, 64, 23]
+    offsets = torch.tensor([0] + lengths).cumsum(0)
+    n = sum(lengths)
+    q, k, v = (torch.randn(n, 2, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    pos = torch.randn(2, 16, dtype=dtype, requires_grad=True)
+    time = torch.randn(2, 8, dtype=dtype, requires_grad=True)
+    options = dict(local_window=window, global_prefix=prefix)
+    params = [q, k, v]
+    if with_bias:
+        options.update(timestamps=torch.randint(0, 1000, (n,)).sort().values, pos_bias=pos, time_bias=time)
+        params += [pos, time]
+
+    def run():
+        out = ref.pytorch_hstu_attention(q, k, v, offsets, 80, 0.3, **options)
+        return out, torch.autograd.grad((out * out).sum(), params)
+
+    monkeypatch.setattr(ref, "_BAND_BLOCK", 8)  # blocks of 8 rows; the path applies past 2 (K1 + K2 + 8) events
+    calls, inner = [], ref._semi_local_sequence
+    monkeypatch.setattr(ref, "_semi_local_sequence", lambda *a: calls.append(1) or inner(*a))
+    applies = max(lengths) > 2 * (window + prefix + 8)
+    blocked, blocked_grads = run()
+    assert len(calls) == (len(lengths) if applies else 0)
+    monkeypatch.setattr(ref, "_BAND_BLOCK", 10 ** 9)  # the padded block
+    padded, padded_grads = run()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(blocked, padded, **tol)
+    for a, b in zip(blocked_grads, padded_grads):
+        torch.testing.assert_close(a, b, **tol)

@@ -198,7 +198,8 @@ def test_config_errors():
     with pytest.raises(ValueError, match="requests_per_user"):
         RankingJobConfig.quick(requests_per_user=1)
     default = RankingJobConfig()
-    assert default.archs == ("stca", "mean-pool", "longer")
+    assert default.archs == ("stca", "mean-pool", "longer", "ultra-hstu")
+    assert default.arch_options["ultra-hstu"]["local_window"] == 128  # semi-local: minutes on a CPU, not hours
     assert default.sampler.mean_length == 256 and default.train_max_history == 1024
     assert default.eval_lengths[-1] == 4096 <= default.data.min_history
 
@@ -211,7 +212,8 @@ def test_registry_builds_every_arch(quick_run):
     cfg = quick_run["cfg"]
     schema = merlin.io.Dataset(str(quick_run["run_dir"] / "etl" / "train"), engine="parquet").schema
     names = {arch: type(build_block(arch, schema, cfg)).__name__ for arch in cfg.archs}
-    assert names == {"stca": "STCABlock", "mean-pool": "MeanPoolBlock", "longer": "LONGERBlock"}
+    assert names == {"stca": "STCABlock", "mean-pool": "MeanPoolBlock", "longer": "LONGERBlock",
+                     "ultra-hstu": "ULTRAHSTUBlock"}
     with pytest.raises(ValueError, match="no request block"):
         build_block("hstu", schema, cfg)  # a next-item architecture has no request block
 

@@ -130,6 +130,16 @@ def pytorch_hstu_attention(
     if q.shape[0] == 0 or batch_max == 0:
         return v * 0  # empty, but still in the autograd graph so a loss over it can backpropagate
     batch = lengths.numel()
+    if _banded(causal, local_window, global_prefix, num_targets, batch_max):
+        # semi-local attention without targets: each row sees at most K1 + K2 keys, so the sequence runs in
+        # query blocks over their own keys, O(L (K1 + K2)) instead of the padded O(L^2)
+        outs = []
+        for b in range(batch):
+            lo, hi = int(offsets[b]), int(offsets[b + 1])
+            outs.append(_semi_local_sequence(
+                q[lo:hi], k[lo:hi], v[lo:hi], max_seq_len, alpha, int(local_window), int(global_prefix),
+                None if timestamps is None else timestamps[lo:hi], pos_bias, time_bias))
+        return torch.cat(outs)
     padded = batch * batch_max * batch_max
     # ragged long sequences (length-extrapolation windows: a few long, most short): the padded block does
     # mostly wasted work, so each sequence runs alone once padding would more than double the score entries
@@ -161,3 +171,42 @@ def pytorch_hstu_attention(
     weights = F.silu(scores) * mask.unsqueeze(1).to(scores.dtype) / max_seq_len
     out = torch.einsum("bhij,bjhd->bihd", weights, vp)
     return padded_to_jagged(out, lengths)[0]
+
+
+# query rows per block of the semi-local path
+_BAND_BLOCK = 128
+
+
+def _banded(causal, local_window, global_prefix, num_targets, batch_max) -> bool:
+    """The semi-local path applies (causal window, no targets) and saves work over the padded block."""
+    if not causal or local_window is None or num_targets is not None:
+        return False
+    return batch_max > 2 * (int(local_window) + int(global_prefix) + _BAND_BLOCK)
+
+
+def _semi_local_sequence(q, k, v, max_seq_len, alpha, window, prefix, timestamps, pos_bias, time_bias):
+    """One sequence [L, H, D] under causal semi-local attention (row i sees j <= i with i - j < window or
+    j < prefix), in blocks of query rows over the keys they can see: the first `prefix` keys and the band."""
+    length = q.shape[0]
+    outs = [v[:0] * 0]  # an empty sequence still joins the autograd graph
+    for start in range(0, length, _BAND_BLOCK):
+        stop = min(length, start + _BAND_BLOCK)
+        band = min(max(prefix, start - window + 1), stop)  # the band starts after the prefix
+        cols = torch.cat([torch.arange(min(prefix, stop), device=q.device),
+                          torch.arange(band, stop, device=q.device)])
+        rows = torch.arange(start, stop, device=q.device)
+        scores = torch.einsum("ihd,jhd->hij", q[start:stop], k[cols]) * alpha  # [H, rows, cols]
+        distance = rows[:, None] - cols[None, :]
+        bias = None
+        if pos_bias is not None:
+            bias = pos_bias[:, hstu_position_buckets(distance, pos_bias.shape[-1])]
+        if time_bias is not None and timestamps is not None:
+            ts = timestamps.to(torch.int64)
+            tb = time_bias[:, hstu_time_buckets(ts[rows][:, None] - ts[cols][None, :], time_bias.shape[-1])]
+            bias = tb if bias is None else bias + tb
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        allowed = (distance >= 0) & ((distance < window) | (cols[None, :] < prefix))
+        weights = F.silu(scores) * allowed.to(scores.dtype) / max_seq_len
+        outs.append(torch.einsum("hij,jhd->ihd", weights, v[cols]))
+    return torch.cat(outs)
