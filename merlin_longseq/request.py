@@ -320,6 +320,43 @@ class RequestBatch:
                                                              device=self.cand_offsets.device),
                                    max_candidates=1 if self.cand_item_ids.numel() else 0)
 
+    @classmethod
+    def from_columns(cls, column, columns: "RequestColumns") -> "RequestBatch":
+        """From request-contract columns; column(name) -> (values, offsets or None for a scalar column). The one
+        reading of a served request's columns (the ensemble's step and the model-only Triton model)."""
+        hist_items, hist_offsets = column(columns.hist_item_id)
+        cand_items, cand_offsets = column(columns.cand_item_id)
+        if hist_offsets is None or cand_offsets is None:
+            raise RequestError(f"{columns.hist_item_id} and {columns.cand_item_id} must be ragged list columns")
+        arrays = dict(hist_item_ids=hist_items, hist_offsets=hist_offsets, cand_item_ids=cand_items,
+                      cand_offsets=cand_offsets)
+        for field_name, name in (("hist_actions", columns.hist_action), ("hist_timestamps", columns.hist_timestamp)):
+            if name:
+                values, offsets = column(name)
+                if offsets is not None and not np.array_equal(np.asarray(offsets), np.asarray(hist_offsets)):
+                    raise RequestError(f"{name} must have one value per history event (as {columns.hist_item_id})")
+                arrays[field_name] = values
+        for field_name, name in (("request_time", columns.request_time), ("user_ids", columns.user_id)):
+            if name:
+                arrays[field_name] = np.asarray(column(name)[0]).reshape(-1)
+        return cls.from_arrays(**arrays)
+
+    @classmethod
+    def concat(cls, batches: Sequence["RequestBatch"]) -> "RequestBatch":
+        """Several batches as one, requests in order (offsets rebased); labels are not carried."""
+        def cat(name):
+            parts = [getattr(b, name) for b in batches]
+            return None if parts[0] is None else torch.cat(parts)
+
+        def offsets(name):
+            lengths = torch.cat([lengths_from_offsets(getattr(b, name)) for b in batches])
+            return offsets_from_lengths(lengths)
+
+        return cls(hist_item_ids=cat("hist_item_ids"), hist_offsets=offsets("hist_offsets"),
+                   cand_item_ids=cat("cand_item_ids"), cand_offsets=offsets("cand_offsets"),
+                   hist_actions=cat("hist_actions"), hist_timestamps=cat("hist_timestamps"),
+                   request_time=cat("request_time"), user_ids=cat("user_ids"))
+
     def to(self, device) -> "RequestBatch":
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                  for f in dataclasses.fields(self)}

@@ -35,7 +35,8 @@ from merlin_longseq.models.base import NamedTasksConfig, RankingModel
 from merlin_longseq.models.hstu import HSTUConfig, HSTULayer, _select_tokens
 from merlin_longseq.models.tokenizer import HistoryTokenizer
 from merlin_longseq.ops.hstu_attention import hstu_attention
-from merlin_longseq.ops.pytorch.pt_hstu_attention import hstu_position_buckets, hstu_time_buckets
+from merlin_longseq.ops.pytorch.pt_hstu_attention import (gather_relative_bias, hstu_position_buckets,
+                                                          hstu_time_buckets)
 from merlin_longseq.request import check_candidates, check_history
 
 
@@ -198,16 +199,16 @@ class ULTRAHSTUModel(RankingModel):
         vp = jagged_to_padded(values, offsets, longest, check=False)
         scores = torch.einsum("rchd,rjhd->rhcj", qp, kp) * hcfg.alpha  # [R, H, Cmax, L]
         positions = torch.arange(longest, device=q.device)
-        bias = 0.0
+        pos_buckets = time_buckets = None
         if layer.pos_bias is not None:  # every target sits at position nh (right after the history)
-            buckets = hstu_position_buckets(lengths[:, None] - positions[None, :], layer.pos_bias.shape[-1])
-            bias = layer.pos_bias[:, buckets].permute(1, 0, 2)[:, :, None, :]  # [R, H, 1, L]
+            pos_buckets = hstu_position_buckets(lengths[:, None] - positions[None, :], layer.pos_bias.shape[-1])
         if layer.time_bias is not None:
             tp = jagged_to_padded(times, offsets, longest, check=False)
-            buckets = hstu_time_buckets(request_time[:, None].to(torch.int64) - tp.to(torch.int64),
-                                        layer.time_bias.shape[-1])
-            bias = bias + layer.time_bias[:, buckets].permute(1, 0, 2)[:, :, None, :]
-        scores = scores + (bias.to(scores.dtype) if torch.is_tensor(bias) else bias)
+            time_buckets = hstu_time_buckets(request_time[:, None].to(torch.int64) - tp.to(torch.int64),
+                                             layer.time_bias.shape[-1])
+        if pos_buckets is not None or time_buckets is not None:
+            bias = gather_relative_bias(layer.pos_bias, pos_buckets, layer.time_bias, time_buckets)  # [H, R, L]
+            scores = scores + bias.movedim(0, 1)[:, :, None, :].to(scores.dtype)  # [R, H, 1, L]
         real = positions[None, :] < lengths[:, None]  # [R, L]
         weights = F.silu(scores) * real[:, None, None, :].to(scores.dtype) / hcfg.max_seq_len
         history_part = torch.einsum("rhcj,rjhd->rchd", weights, vp)[request_of, slot]  # [C, H, dv]

@@ -42,9 +42,9 @@ import sys
 sys.path[:0] = [p for p in {paths!r} if p not in sys.path]  # the python-backend stub ignores PYTHONPATH
 from merlin_longseq.serving.model_only import TritonPythonModel  # noqa: E402,F401
 '''
-# the model's argument -> the request column (RequestColumns' default names, as the ensemble declares them)
-_FIELDS = {"hist_item_ids": "hist_item_id", "hist_actions": "hist_action", "hist_timestamps": "hist_timestamp",
-           "cand_item_ids": "cand_item_id", "request_time": "request_time", "user_ids": "user_id"}
+def _columns(with_users: bool) -> RequestColumns:
+    """The request columns served: the contract's names, user_id only when the model reads user ids."""
+    return RequestColumns() if with_users else RequestColumns().without("user_id")
 
 
 def _task_outputs(model) -> list[str]:
@@ -74,7 +74,7 @@ def export_model_only(repo_dir: str, model: torch.nn.Module, *, name: str = "lon
     if max_batch_size < 0 or instances < 1 or max_queue_delay_us < 0:
         raise ValueError("need max_batch_size >= 0, instances >= 1 and max_queue_delay_us >= 0")
     limits = serving_limits(model, max_history, max_candidates=max_candidates)
-    columns = RequestColumns() if limits.needs_user_ids else RequestColumns().without("user_id")
+    columns = _columns(limits.needs_user_ids)
     folder = os.path.join(repo_dir, name)
     version = os.path.join(folder, "1")
     checksums = write_files(os.path.join(version, ARTIFACTS), model_files(model))
@@ -116,54 +116,24 @@ def _config(name, settings, delay_us, instances, device, instance_kind) -> str:
 
 def request_arrays(get, settings) -> dict:
     """{name: flat numpy array} of one Triton request (get(name) -> array or None)."""
+    names = [c + part for c in settings["lists"] for part in ("__values", "__offsets")] + list(settings["scalars"])
     arrays = {}
-    for column in settings["lists"]:
-        for part in ("__values", "__offsets"):
-            value = get(column + part)
-            if value is not None:
-                arrays[column + part] = np.asarray(value).reshape(-1)
-    for column in settings["scalars"]:
-        value = get(column)
+    for name in names:
+        value = get(name)
         if value is not None:
-            arrays[column] = np.asarray(value).reshape(-1)
+            arrays[name] = np.asarray(value).reshape(-1)
     return arrays
 
 
-def batch_from_arrays(arrays: dict) -> RequestBatch:
+def batch_from_arrays(arrays: dict, columns: RequestColumns) -> RequestBatch:
     """The RequestBatch of one Triton request's flat arrays (model ids; offsets checked by the validator)."""
-    def need(name):
-        if name not in arrays:
+    def column(name):
+        values = arrays.get(f"{name}__values", arrays.get(name))
+        if values is None:
             raise RequestError(f"the request lacks the input {name}")
-        return arrays[name]
+        return values, arrays.get(f"{name}__offsets")
 
-    fields = {"hist_item_ids": need("hist_item_id__values"), "hist_offsets": need("hist_item_id__offsets"),
-              "cand_item_ids": need("cand_item_id__values"), "cand_offsets": need("cand_item_id__offsets")}
-    for field, column in (("hist_actions", "hist_action"), ("hist_timestamps", "hist_timestamp")):
-        if f"{column}__values" in arrays:
-            offsets = arrays.get(f"{column}__offsets")
-            if offsets is not None and not np.array_equal(offsets, fields["hist_offsets"]):
-                raise RequestError(f"{column} must have one value per history event (as hist_item_id)")
-            fields[field] = arrays[f"{column}__values"]
-    for field in ("request_time", "user_ids"):
-        if _FIELDS[field] in arrays:
-            fields[field] = arrays[_FIELDS[field]]
-    return RequestBatch.from_arrays(**fields)
-
-
-def concat(batches: list[RequestBatch]) -> RequestBatch:
-    """Several validated RequestBatches as one (offsets rebased): request-level batching across clients."""
-    def cat(name):
-        parts = [getattr(b, name) for b in batches]
-        return None if parts[0] is None else torch.cat(parts)
-
-    def offsets(name):
-        lengths = torch.cat([getattr(b, name).diff() for b in batches])
-        return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-
-    return RequestBatch(hist_item_ids=cat("hist_item_ids"), hist_offsets=offsets("hist_offsets"),
-                        cand_item_ids=cat("cand_item_ids"), cand_offsets=offsets("cand_offsets"),
-                        hist_actions=cat("hist_actions"), hist_timestamps=cat("hist_timestamps"),
-                        request_time=cat("request_time"), user_ids=cat("user_ids"))
+    return RequestBatch.from_columns(column, columns)
 
 
 class ModelOnlyScorer:
@@ -178,6 +148,7 @@ class ModelOnlyScorer:
         self.scorer = make_scorer(model, limits, device=resolve_device(settings["device"]), cache=cache)
         self.limits = limits
         lists = settings["lists"]
+        self.columns = _columns("user_id" in settings["columns"])
         self.caps = InputCaps(history=tuple(c for c in lists if c != "cand_item_id"), candidates="cand_item_id",
                               scalars=tuple(settings["scalars"]), max_history=settings["max_history"],
                               max_candidates=settings["max_candidates"])
@@ -188,7 +159,7 @@ class ModelOnlyScorer:
         for i, arrays in enumerate(requests):
             try:
                 self.caps.check(arrays)
-                batch = batch_from_arrays(arrays)
+                batch = batch_from_arrays(arrays, self.columns)
                 if batch.num_requests != 1:
                     raise RequestError(f"one request per Triton request here, got {batch.num_requests} (offsets)")
                 validate_request(batch, self.limits)
@@ -196,8 +167,9 @@ class ModelOnlyScorer:
             except (RequestError, RequestTooLarge) as err:
                 results[i] = err
         if good:
-            # validated one by one above; Scorer.score validates the merged batch again (cheap, on the host)
-            logits = self.scorer.score(concat([b for _, b in good])).numpy().astype(np.float32)
+            # each request was validated above, and the merged batch holds exactly those requests
+            logits = self.scorer.score(RequestBatch.concat([b for _, b in good]), validate=False).numpy()
+            logits = logits.astype(np.float32)
             if not np.isfinite(logits).all():
                 raise RuntimeError(f"the {self.settings['arch']} model produced non-finite scores")
             start = 0
@@ -249,4 +221,4 @@ class TritonPythonModel:
         return responses
 
 
-__all__ = ["ModelOnlyScorer", "TritonPythonModel", "batch_from_arrays", "concat", "export_model_only"]
+__all__ = ["ModelOnlyScorer", "TritonPythonModel", "batch_from_arrays", "export_model_only"]

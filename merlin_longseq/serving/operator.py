@@ -28,7 +28,7 @@ from merlin.schema import ColumnSchema, Schema, Tags
 from merlin.table import TensorTable
 
 from merlin_longseq import registry
-from merlin_longseq.request import RequestBatch, RequestColumns, RequestError, RequestLimits
+from merlin_longseq.request import RequestBatch, RequestColumns, RequestLimits
 from merlin_longseq.serving.artifacts import (VOCABULARY_FILE, WEIGHTS_FILE, _sha256, load_model, model_files,
                                               resolve_device)
 from merlin_longseq.serving.scoring import UserStateCache, make_scorer
@@ -149,7 +149,7 @@ class PredictLongSeq(BaseOperator):
     # ---- inference -----------------------------------------------------------------------------------------
     def transform(self, col_selector, transformable):
         table = transformable if isinstance(transformable, TensorTable) else TensorTable.from_df(transformable)
-        batch = RequestBatch.from_arrays(**self._arrays(table))
+        batch = RequestBatch.from_columns(self._column(table), self.columns)
         logits = self.scorer.score(batch).numpy().astype(np.float32)  # [C, tasks]
         if not np.isfinite(logits).all():  # never send a NaN score to a client as if it were one
             raise RuntimeError(f"the {self.arch} model produced non-finite scores for this batch")
@@ -167,30 +167,13 @@ class PredictLongSeq(BaseOperator):
             out[TOPK_SCORES] = (np.ascontiguousarray(scores.numpy().reshape(-1).astype(np.float32)), k_offsets)
         return TensorTable(out)
 
-    def _arrays(self, table) -> dict:
-        cols = self.columns
-
+    @staticmethod
+    def _column(table):
         def column(name):
             col = table[name].cpu()
-            values = np.asarray(col.values)
-            return values, (None if col.offsets is None else np.asarray(col.offsets))
+            return np.asarray(col.values), (None if col.offsets is None else np.asarray(col.offsets))
 
-        hist_items, hist_offsets = column(cols.hist_item_id)
-        cand_items, cand_offsets = column(cols.cand_item_id)
-        if hist_offsets is None or cand_offsets is None:
-            raise RequestError(f"{cols.hist_item_id} and {cols.cand_item_id} must be ragged list columns")
-        arrays = dict(hist_item_ids=hist_items, hist_offsets=hist_offsets, cand_item_ids=cand_items,
-                      cand_offsets=cand_offsets)
-        for field, name in (("hist_actions", cols.hist_action), ("hist_timestamps", cols.hist_timestamp)):
-            if name:
-                values, offsets = column(name)
-                if offsets is not None and not np.array_equal(offsets, hist_offsets):
-                    raise RequestError(f"{name} must have one value per history event (as {cols.hist_item_id})")
-                arrays[field] = values
-        for field, name in (("request_time", cols.request_time), ("user_ids", cols.user_id)):
-            if name:
-                arrays[field] = column(name)[0].reshape(-1)
-        return arrays
+        return column
 
     def describe(self) -> dict:
         return {"arch": self.arch, "kind": self.kind, "tasks": list(self.task_names), "outputs": self.output_names,

@@ -134,9 +134,13 @@ class Scorer:
         return self.model.score_candidates(state, cand_item_ids, cand_offsets)
 
     @torch.inference_mode()
-    def score(self, batch: RequestBatch, use_cache: bool = True) -> torch.Tensor:
-        """Logits [C, num_tasks] (float32, CPU) for every candidate of the batch, in request order."""
-        validate_request(batch, self.limits)
+    def score(self, batch: RequestBatch, use_cache: bool = True, validate: bool = True) -> torch.Tensor:
+        """Logits [C, num_tasks] (float32, CPU) for every candidate of the batch, in request order.
+
+        validate=False: the caller ran validate_request on exactly these requests already (the model-only Triton
+        model checks each batched request alone, then scores them merged)."""
+        if validate:
+            validate_request(batch, self.limits)
         batch = batch.to(self.device)
         # checked whole on the host just now: the model's own checks would re-read it from the device
         with self._lock, inputs_checked():

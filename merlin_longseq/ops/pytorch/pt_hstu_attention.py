@@ -99,14 +99,19 @@ def hstu_relative_bias(
     if time_bias is not None and padded_timestamps is not None:
         ts = padded_timestamps.to(torch.int64)
         time_buckets = hstu_time_buckets(ts.unsqueeze(2) - ts.unsqueeze(1), time_bias.shape[-1])
+    return gather_relative_bias(pos_bias, pos_buckets, time_bias, time_buckets).movedim(0, 1)  # [B, H, S, S]
+
+
+def gather_relative_bias(pos_bias, pos_buckets, time_bias, time_buckets) -> torch.Tensor:
+    """[H, *buckets.shape] bias of position and / or time buckets (a None pair is left out; at least one given).
+    Both: one gather from the [H, P * T] table of sums instead of two gathers and an add (the same fp32 sums,
+    pos_bias[p] + time_bias[t])."""
     if pos_buckets is not None and time_buckets is not None:
-        # one gather from the [H, P * T] table of sums instead of two [B, H, S, S] gathers and an add (the same
-        # fp32 sums: pos_bias[p] + time_bias[t])
         table = (pos_bias[:, :, None] + time_bias[:, None, :]).flatten(1)
-        return table[:, pos_buckets * time_bias.shape[-1] + time_buckets].permute(1, 0, 2, 3)
+        return table[:, pos_buckets * time_bias.shape[-1] + time_buckets]
     if pos_buckets is not None:
-        return pos_bias[:, pos_buckets].permute(1, 0, 2, 3)  # [B, H, S, S]
-    return time_bias[:, time_buckets].permute(1, 0, 2, 3)
+        return pos_bias[:, pos_buckets]
+    return time_bias[:, time_buckets]
 
 
 def pytorch_hstu_attention(
@@ -197,14 +202,13 @@ def _semi_local_sequence(q, k, v, max_seq_len, alpha, window, prefix, timestamps
         rows = torch.arange(start, stop, device=q.device)
         scores = torch.einsum("ihd,jhd->hij", q[start:stop], k[cols]) * alpha  # [H, rows, cols]
         distance = rows[:, None] - cols[None, :]
-        bias = None
-        if pos_bias is not None:
-            bias = pos_bias[:, hstu_position_buckets(distance, pos_bias.shape[-1])]
+        pos_buckets = None if pos_bias is None else hstu_position_buckets(distance, pos_bias.shape[-1])
+        time_buckets = None
         if time_bias is not None and timestamps is not None:
             ts = timestamps.to(torch.int64)
-            tb = time_bias[:, hstu_time_buckets(ts[rows][:, None] - ts[cols][None, :], time_bias.shape[-1])]
-            bias = tb if bias is None else bias + tb
-        if bias is not None:
+            time_buckets = hstu_time_buckets(ts[rows][:, None] - ts[cols][None, :], time_bias.shape[-1])
+        if pos_buckets is not None or time_buckets is not None:
+            bias = gather_relative_bias(pos_bias, pos_buckets, time_bias, time_buckets)
             scores = scores + bias.to(scores.dtype)
         allowed = (distance >= 0) & ((distance < window) | (cols[None, :] < prefix))
         weights = F.silu(scores) * allowed.to(scores.dtype) / max_seq_len
